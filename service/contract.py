@@ -1,0 +1,173 @@
+"""The model artifact contract, defined once.
+
+A model version is a directory ``models/<name>/<version>/`` holding
+
+* ``model.onnx``: input ``image`` (float32, N x 3 x H x W, already normalised as
+  the metadata says) and outputs ``image_error`` (N), ``tile_errors``
+  (N x rows*cols) and ``anomaly_map`` (N x H x W). The errors are computed
+  inside the graph, so a server only compares them with thresholds.
+* ``metadata.json``: :class:`ModelMetadata`, below.
+
+The trainer writes artifacts through :func:`service.artifact.write_artifact` and
+the server reads them through :func:`service.artifact.load_artifact`, both on
+this one model, so the two sides cannot drift.
+
+Tile indexing (see :mod:`service.tiler`): tile 0 is the whole image; tiles
+1..rows*cols run row-major, tile 1 top-left to tile 9 bottom-right on 3x3.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.onnx"
+METADATA_FILE = "metadata.json"
+
+INPUT_NAME = "image"
+OUTPUT_IMAGE_ERROR = "image_error"
+OUTPUT_TILE_ERRORS = "tile_errors"
+OUTPUT_ANOMALY_MAP = "anomaly_map"
+OUTPUT_NAMES: tuple[str, str, str] = (OUTPUT_IMAGE_ERROR, OUTPUT_TILE_ERRORS, OUTPUT_ANOMALY_MAP)
+
+ModelFamily = Literal["pwae", "ot_prototypes"]
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _Frozen(BaseModel):
+    # extra="forbid": a typo in a hand-edited metadata.json must fail loudly,
+    # not silently fall back to a default.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Normalization(_Frozen):
+    """x_model = (x / scale_max - mean) / std, per RGB channel, x in [0, scale_max]."""
+
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(not (s > 0 and math.isfinite(s)) for s in v):
+            raise ValueError(f"std must be positive and finite, got {v}")
+        return v
+
+
+class InputSpec(_Frozen):
+    """What the graph's ``image`` input expects: RGB, NCHW, float32, normalised."""
+
+    height: int = Field(300, ge=8)
+    width: int = Field(300, ge=8)
+    color: Literal["RGB"] = "RGB"
+    layout: Literal["NCHW"] = "NCHW"
+    # Area averaging when shrinking keeps thin defects (scratches) visible
+    # instead of aliasing them away; linear when enlarging.
+    interpolation: Literal["area"] = "area"
+    normalization: Normalization = Normalization()
+
+
+class TileGrid(_Frozen):
+    rows: int = Field(3, ge=1)
+    cols: int = Field(3, ge=1)
+
+    @property
+    def count(self) -> int:
+        return self.rows * self.cols
+
+
+class Thresholds(_Frozen):
+    """eps0 for the whole image and eps1..epsK for the tiles, row-major.
+
+    An image is defect-free only if e0 <= eps0 and every ek <= epsk.
+    """
+
+    eps0: float
+    tiles: tuple[float, ...]
+
+    @field_validator("eps0")
+    @classmethod
+    def _eps0_positive(cls, v: float) -> float:
+        if not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"eps0 must be positive and finite, got {v}")
+        return v
+
+    @field_validator("tiles")
+    @classmethod
+    def _tiles_positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v:
+            raise ValueError("tile thresholds are missing")
+        bad = [i + 1 for i, t in enumerate(v) if not (t > 0 and math.isfinite(t))]
+        if bad:
+            raise ValueError(f"tile thresholds must be positive and finite; eps{bad} are not")
+        return v
+
+    @property
+    def all(self) -> tuple[float, ...]:
+        """(eps0, eps1, ..., epsK)."""
+        return (self.eps0, *self.tiles)
+
+
+class Calibration(_Frozen):
+    """How the thresholds were set: always on held-out defect-free images."""
+
+    method: str = Field(description="e.g. 'holdout-quantile-bisection'")
+    target_fpr: float = Field(ge=0.0, le=1.0)
+    achieved_fpr: float = Field(ge=0.0, le=1.0, description="FPR of the rule on the held-out set")
+    holdout_images: int = Field(ge=1)
+    holdout_fraction: float = Field(gt=0.0, lt=1.0)
+    split_seed: int
+
+
+class TrainingData(_Frozen):
+    dataset: str
+    category: str
+    train_images: int = Field(ge=1)
+    fingerprint: Sha256 = Field(description="sha256 over the sorted names and bytes of the images")
+
+
+class Evaluation(_Frozen):
+    """Figures on the category's test split, which is never used for fitting."""
+
+    split: str = "test"
+    good_images: int = Field(ge=0)
+    defective_images: int = Field(ge=0)
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class ModelMetadata(_Frozen):
+    format_version: Literal[1] = FORMAT_VERSION
+    family: ModelFamily
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    version: int = Field(ge=1)
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    input: InputSpec = InputSpec()
+    grid: TileGrid = TileGrid()
+    thresholds: Thresholds
+    calibration: Calibration
+    training_data: TrainingData
+    evaluation: Evaluation | None = None
+    opset: int = Field(ge=7)
+    onnx_sha256: Sha256
+    # Free-form, family-specific facts worth showing an operator (backbone,
+    # latent size, ensemble members...). Never read by the server.
+    model_info: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _grid_fits(self) -> ModelMetadata:
+        if len(self.thresholds.tiles) != self.grid.count:
+            raise ValueError(
+                f"{len(self.thresholds.tiles)} tile thresholds for a "
+                f"{self.grid.rows}x{self.grid.cols} grid (needs {self.grid.count})"
+            )
+        if self.input.height % self.grid.rows or self.input.width % self.grid.cols:
+            raise ValueError(
+                f"input {self.input.height}x{self.input.width} does not divide into a "
+                f"{self.grid.rows}x{self.grid.cols} grid"
+            )
+        return self

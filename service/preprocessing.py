@@ -1,0 +1,269 @@
+"""Bytes in, model input out: the one preprocessing used by trainer and server.
+
+decode (OpenCV; PNG, JPEG, BMP, TIFF; 8- or 16-bit; grey, RGB or RGBA)
+-> RGB -> resize to the model's input size (area filter when shrinking)
+-> scale to [0, 1] -> normalise as the metadata says -> CHW float32.
+
+Every refusal is an :class:`InputRejected` with a machine-readable ``reason``,
+which the server turns into a 4xx answer. The image size is read from the
+file header *before* decoding, so a decompression bomb (a few kilobytes that
+inflate to gigabytes) is refused without allocating it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import StrEnum
+
+import cv2
+import numpy as np
+
+from service.contract import InputSpec, TileGrid
+
+DEFAULT_MAX_PIXELS = 40_000_000  # a 4096x3000 camera frame is 12.3 MP
+
+
+class Reject(StrEnum):
+    """Why an input was refused; stable strings for clients and metric labels."""
+
+    EMPTY = "empty"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    TRUNCATED = "truncated"
+    CORRUPT = "corrupt"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    TOO_SMALL = "too_small"
+
+
+class InputRejected(ValueError):
+    def __init__(self, reason: Reject, message: str) -> None:
+        self.reason = reason
+        self.message = message
+        super().__init__(f"{reason.value}: {message}")
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    tensor: np.ndarray  # (3, H, W) float32, normalised: the model's input for one image
+    rgb: np.ndarray  # (H, W, 3) uint8 at model resolution, for heatmap overlays
+    source_size: tuple[int, int]  # (width, height) as posted
+
+
+# --- header parsing: size and format without decoding -------------------------
+
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+_PNG_IEND = b"IEND\xae\x42\x60\x82"
+# JPEG start-of-frame markers carry the size; C4 (DHT), C8 (JPG) and CC (DAC) do not.
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _sniff(data: bytes) -> str:
+    if data.startswith(_PNG_SIG):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(b"BM"):
+        return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    raise InputRejected(Reject.UNSUPPORTED_FORMAT, "not a PNG, JPEG, BMP or TIFF image")
+
+
+def _truncated(fmt: str) -> InputRejected:
+    return InputRejected(Reject.TRUNCATED, f"the {fmt.upper()} header ends early")
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        raise _truncated("png")
+    w, h = struct.unpack(">II", data[16:24])
+    return w, h
+
+
+def _bmp_size(data: bytes) -> tuple[int, int]:
+    if len(data) < 26:
+        raise _truncated("bmp")
+    (dib_size,) = struct.unpack("<I", data[14:18])
+    if dib_size == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
+        w, h = struct.unpack("<HH", data[18:22])
+    else:
+        w, h = struct.unpack("<ii", data[18:26])
+    return abs(w), abs(h)  # a negative height means top-down rows
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            raise InputRejected(Reject.CORRUPT, "JPEG marker expected")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if marker in _JPEG_SOF:
+            if i + 9 > n:
+                break
+            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+            return w, h
+        if marker == 0xDA:  # start of scan before any frame header
+            raise InputRejected(Reject.CORRUPT, "JPEG has no frame header")
+        i += 2 + length
+    raise _truncated("jpeg")
+
+
+def _tiff_size(data: bytes) -> tuple[int, int]:
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    try:
+        if big:  # BigTIFF: 8-byte offsets and counts, 20-byte entries
+            (ifd,) = struct.unpack(order + "Q", data[8:16])
+            (count,) = struct.unpack(order + "Q", data[ifd : ifd + 8])
+            first, size = ifd + 8, 20
+        else:
+            (ifd,) = struct.unpack(order + "I", data[4:8])
+            (count,) = struct.unpack(order + "H", data[ifd : ifd + 2])
+            first, size = ifd + 2, 12
+        dims: dict[int, int] = {}
+        for e in range(min(count, 4096)):
+            at = first + e * size
+            tag, typ = struct.unpack(order + "HH", data[at : at + 4])
+            if tag in (256, 257):
+                value_at = at + (12 if big else 8)
+                fmt = {3: "H", 4: "I", 16: "Q"}.get(typ)
+                if fmt is None:
+                    raise InputRejected(Reject.CORRUPT, f"TIFF size tag of type {typ}")
+                (dims[tag],) = struct.unpack(
+                    order + fmt, data[value_at : value_at + struct.calcsize(fmt)]
+                )
+        return dims[256], dims[257]
+    except (struct.error, KeyError) as exc:
+        raise _truncated("tiff") from exc
+
+
+def image_size(data: bytes) -> tuple[str, int, int]:
+    """(format, width, height) from the header alone."""
+    if not data:
+        raise InputRejected(Reject.EMPTY, "the request carried no image bytes")
+    fmt = _sniff(data)
+    w, h = {"png": _png_size, "jpeg": _jpeg_size, "bmp": _bmp_size, "tiff": _tiff_size}[fmt](data)
+    return fmt, w, h
+
+
+def _check_complete(fmt: str, data: bytes) -> None:
+    # libjpeg and libpng can hand back a partly grey image from a cut-off
+    # file with only a warning; a part photographed half is not inspected.
+    if fmt == "png" and _PNG_IEND not in data[-64:]:
+        raise InputRejected(Reject.TRUNCATED, "the PNG has no end chunk (file cut off?)")
+    if fmt == "jpeg" and data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) < 0:
+        raise InputRejected(Reject.TRUNCATED, "the JPEG has no end marker (file cut off?)")
+    if fmt == "bmp" and len(data) >= 6:
+        (declared,) = struct.unpack("<I", data[2:6])
+        if declared > len(data):
+            raise InputRejected(
+                Reject.TRUNCATED, f"the BMP declares {declared} bytes but has {len(data)}"
+            )
+
+
+# --- decode and prepare --------------------------------------------------------
+
+
+def decode(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: tuple[int, int] = (1, 1)
+) -> np.ndarray:
+    """Decoded pixels as OpenCV gives them (BGR order, native dtype).
+
+    ``min_size`` is (width, height); smaller images are refused.
+    """
+    fmt, w, h = image_size(data)
+    if w <= 0 or h <= 0:
+        raise InputRejected(Reject.CORRUPT, f"the header gives a size of {w}x{h}")
+    if w * h > max_pixels:
+        raise InputRejected(
+            Reject.TOO_MANY_PIXELS, f"{w}x{h} is {w * h} pixels, over the budget of {max_pixels}"
+        )
+    if w < min_size[0] or h < min_size[1]:
+        raise InputRejected(
+            Reject.TOO_SMALL,
+            f"{w}x{h} is smaller than one tile ({min_size[0]}x{min_size[1]})",
+        )
+    _check_complete(fmt, data)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        raise InputRejected(Reject.CORRUPT, f"OpenCV could not decode the {fmt.upper()} data")
+    if img.shape[0] != h or img.shape[1] != w:
+        raise InputRejected(
+            Reject.CORRUPT, f"header says {w}x{h}, pixels are {img.shape[1]}x{img.shape[0]}"
+        )
+    return img
+
+
+def to_rgb01(img: np.ndarray) -> np.ndarray:
+    """OpenCV pixels (grey, BGR or BGRA; uint8, uint16 or float) -> RGB float32 in [0, 1]."""
+    if img.dtype == np.uint8:
+        scale = 255.0
+    elif img.dtype == np.uint16:
+        scale = 65535.0
+    elif img.dtype in (np.float32, np.float64):
+        scale = 1.0
+    else:
+        raise InputRejected(Reject.UNSUPPORTED_FORMAT, f"pixel type {img.dtype} is not supported")
+    channels = 1 if img.ndim == 2 else img.shape[2]
+    if channels == 1:
+        rgb = cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2RGB)
+    elif channels == 3:
+        rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    elif channels == 4:
+        # Alpha is dropped, not composited: cameras emit opaque images, and
+        # whatever the colour under a transparent pixel is, it is the part.
+        rgb = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    else:
+        raise InputRejected(Reject.UNSUPPORTED_FORMAT, f"{channels} channels are not supported")
+    out = rgb.astype(np.float32) * np.float32(1.0 / scale)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def resize(img: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Area filter when shrinking (keeps thin scratches), linear when enlarging."""
+    if img.shape[1] == width and img.shape[0] == height:
+        return img
+    shrinking = img.shape[1] >= width and img.shape[0] >= height
+    interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(img, (width, height), interpolation=interp)
+
+
+def normalise(rgb01: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """(H, W, 3) RGB in [0, 1] -> (3, H, W) float32 as the model expects."""
+    mean = np.asarray(spec.normalization.mean, np.float32)
+    std = np.asarray(spec.normalization.std, np.float32)
+    return np.ascontiguousarray(((rgb01 - mean) / std).transpose(2, 0, 1), dtype=np.float32)
+
+
+def prepare(
+    data: bytes,
+    spec: InputSpec | None = None,
+    grid: TileGrid | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> PreparedImage:
+    """Decode, check and convert one posted image for the model."""
+    spec = spec or InputSpec()
+    grid = grid or TileGrid()
+    tile = (spec.width // grid.cols, spec.height // grid.rows)
+    img = decode(data, max_pixels=max_pixels, min_size=tile)
+    source_size = (img.shape[1], img.shape[0])
+    # Resize before the float conversion: on a 12 MP frame that is 4x less
+    # memory traffic; the rounding to the source's integer type that this
+    # costs is below a camera's noise.
+    rgb01 = to_rgb01(resize(img, spec.width, spec.height))
+    rgb = (rgb01 * 255.0 + 0.5).astype(np.uint8)
+    return PreparedImage(tensor=normalise(rgb01, spec), rgb=rgb, source_size=source_size)
+
+
+def denormalise(tensor: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Inverse of :func:`normalise`: (3, H, W) -> (H, W, 3) RGB in [0, 1]."""
+    mean = np.asarray(spec.normalization.mean, np.float32)
+    std = np.asarray(spec.normalization.std, np.float32)
+    return np.clip(tensor.transpose(1, 2, 0) * std + mean, 0.0, 1.0)
