@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Debian packages the test suite needs, installed only where missing, so a
+# second run on the same machine costs nothing. Needs root (CI runs as root);
+# elsewhere it says what to install and carries on.
+set -euo pipefail
+
+packages=(
+    prometheus  # a real Prometheus scrapes the server in tests; promtool checks configs
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-system-deps: not root; please install: ${missing[*]}" >&2
+    exit 0
+fi
+echo "install-system-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
