@@ -137,7 +137,8 @@ def check_session_io(session: Any, metadata: ModelMetadata, model_path: Path) ->
     inputs = session.get_inputs()
     if [i.name for i in inputs] != [INPUT_NAME]:
         raise ArtifactError(
-            model_path, f"inputs are {[i.name for i in inputs]}, the contract wants ['{INPUT_NAME}']"
+            model_path,
+            f"inputs are {[i.name for i in inputs]}, the contract wants ['{INPUT_NAME}']",
         )
     (inp,) = inputs
     if inp.type != "tensor(float)":
@@ -227,9 +228,7 @@ def write_artifact(version_dir: Path | str, model_onnx: bytes, metadata: ModelMe
     if version_dir.exists():
         raise ArtifactError(version_dir, "already exists; versions are immutable")
     version_dir.parent.mkdir(parents=True, exist_ok=True)
-    metadata = metadata.model_copy(
-        update={"onnx_sha256": hashlib.sha256(model_onnx).hexdigest()}
-    )
+    metadata = metadata.model_copy(update={"onnx_sha256": hashlib.sha256(model_onnx).hexdigest()})
     ModelMetadata.model_validate(metadata.model_dump())  # re-check after the update
     tmp = Path(tempfile.mkdtemp(prefix=f".{version_dir.name}-", dir=version_dir.parent))
     try:

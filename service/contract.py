@@ -141,7 +141,7 @@ class Evaluation(_Frozen):
 
 
 class ModelMetadata(_Frozen):
-    format_version: Literal[1] = FORMAT_VERSION
+    format_version: Literal[1] = 1
     family: ModelFamily
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     version: int = Field(ge=1)

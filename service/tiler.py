@@ -40,7 +40,7 @@ def to_tiles(x: A, rows: int = 3, cols: int = 3) -> A:
     t = x_.reshape(*lead, rows, th, cols, tw)
     # (..., r, th, c, tw) -> (..., r, c, th, tw)
     t = _permute(t, (*range(n), n, n + 2, n + 1, n + 3))
-    return t.reshape(*lead, rows * cols, th, tw)  # type: ignore[no-any-return]
+    return t.reshape(*lead, rows * cols, th, tw)
 
 
 def from_tiles(t: A, rows: int = 3, cols: int = 3) -> A:
@@ -52,7 +52,7 @@ def from_tiles(t: A, rows: int = 3, cols: int = 3) -> A:
     n = len(lead)
     x = t_.reshape(*lead, rows, cols, th, tw)
     x = _permute(x, (*range(n), n, n + 2, n + 1, n + 3))
-    return x.reshape(*lead, rows * th, cols * tw)  # type: ignore[no-any-return]
+    return x.reshape(*lead, rows * th, cols * tw)
 
 
 def tile_means(x: A, rows: int = 3, cols: int = 3) -> A:
@@ -61,7 +61,7 @@ def tile_means(x: A, rows: int = 3, cols: int = 3) -> A:
     Applied to a squared-error map this is each tile's mean squared error.
     """
     t: Any = to_tiles(x, rows, cols)
-    return t.reshape(*t.shape[:-2], -1).mean(-1)  # type: ignore[no-any-return]
+    return t.reshape(*t.shape[:-2], -1).mean(-1)
 
 
 def tile_maxima(x: A, rows: int = 3, cols: int = 3) -> A:
@@ -70,10 +70,12 @@ def tile_maxima(x: A, rows: int = 3, cols: int = 3) -> A:
     flat = t.reshape(*t.shape[:-2], -1)
     m = flat.max(-1)
     # torch's max(dim) returns (values, indices); numpy's returns the values.
-    return (m.values if hasattr(m, "values") else m)  # type: ignore[no-any-return]
+    return m.values if hasattr(m, "values") else m
 
 
-def tile_boxes(height: int, width: int, rows: int = 3, cols: int = 3) -> list[tuple[int, int, int, int]]:
+def tile_boxes(
+    height: int, width: int, rows: int = 3, cols: int = 3
+) -> list[tuple[int, int, int, int]]:
     """Pixel boxes (y0, x0, y1, x1), end-exclusive, of tiles 1..rows*cols in order."""
     th, tw = _check(height, width, rows, cols)
     return [(r * th, c * tw, (r + 1) * th, (c + 1) * tw) for r in range(rows) for c in range(cols)]

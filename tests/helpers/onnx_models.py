@@ -37,7 +37,11 @@ def colour_distance_model(
     rows: int = 3,
     cols: int = 3,
     reference: tuple[float, float, float] = (0.0, 0.0, 0.0),
-    output_names: tuple[str, str, str] = (OUTPUT_IMAGE_ERROR, OUTPUT_TILE_ERRORS, OUTPUT_ANOMALY_MAP),
+    output_names: tuple[str, str, str] = (
+        OUTPUT_IMAGE_ERROR,
+        OUTPUT_TILE_ERRORS,
+        OUTPUT_ANOMALY_MAP,
+    ),
 ) -> bytes:
     """A contract-shaped graph with a dynamic batch axis; returns serialized ONNX."""
     th, tw = size // rows, size // cols
@@ -110,4 +114,6 @@ def metadata_for(
 def write_toy_artifact(root: Path, name: str = "toy", version: int = 1, **kw: object) -> Path:
     """models/<name>/<version>/ under ``root`` with the colour-distance graph."""
     model = colour_distance_model()
-    return write_artifact(root / name / str(version), model, metadata_for(model, name, version, **kw))  # type: ignore[arg-type]
+    return write_artifact(
+        root / name / str(version), model, metadata_for(model, name, version, **kw)
+    )  # type: ignore[arg-type]
