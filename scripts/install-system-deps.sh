@@ -6,7 +6,15 @@ set -euo pipefail
 
 packages=(
     prometheus  # a real Prometheus scrapes the server in tests; promtool checks configs
+    # The CPU image is built and run without a Docker engine (tests/integration/test_deploy_image.py):
+    podman       # podman build --isolation chroot
+    buildah      # buildah run --isolation chroot: runs the server inside the built image
+    debootstrap  # makes the local base image (scripts/build-local-base.sh); no registry is reachable
 )
+# `kubectl kustomize k8s/` renders the manifests. Google's apt repository has
+# kubectl but is not reachable from every machine; Debian's kubernetes-client
+# (kubectl 1.20, kustomize v2) renders k8s/ the same, so fall back to it.
+command -v kubectl >/dev/null 2>&1 || packages+=(kubernetes-client)
 
 missing=()
 for p in "${packages[@]}"; do

