@@ -54,3 +54,63 @@ def metric_names(expr: str) -> set[str]:
     """The project's metric names a PromQL expression reads (those starting ``inspection_``)."""
     stripped = _BY_CLAUSE.sub(" ", _LABEL_MATCHERS.sub(" ", _STRINGS.sub('""', expr)))
     return {m for m in _IDENT.findall(stripped) if m.startswith("inspection_")}
+
+
+def dashboard_metric_names() -> dict[str, set[str]]:
+    """Every project metric name the deployment reads, with where it is read."""
+    import json
+
+    import yaml
+
+    where: dict[str, set[str]] = {}
+
+    def add(source: str, expr: str) -> None:
+        for name in metric_names(expr):
+            where.setdefault(name, set()).add(source)
+
+    dash = json.loads(DASHBOARD.read_text())
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            add(f"panel {panel['title']!r}", target["expr"])
+    for ann in dash["annotations"]["list"]:
+        add(f"annotation {ann['name']!r}", ann.get("expr", ""))
+    for var in dash["templating"]["list"]:
+        add(f"variable ${var['name']}", var["definition"])
+    alerts = yaml.safe_load((DOCKER / "prometheus" / "alerts.yml").read_text())
+    for group in alerts["groups"]:
+        for rule in group["rules"]:
+            add(f"alert {rule['alert']}", rule["expr"])
+    hpa = yaml.safe_load((K8S / "hpa.yaml").read_text())
+    for metric in hpa["spec"]["metrics"]:
+        if metric["type"] == "Pods":
+            add("k8s/hpa.yaml", metric["pods"]["metric"]["name"])
+    return where
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(base_url: str, proc: object, timeout: float, log: Path | None = None) -> None:
+    """Poll /readyz until 200; fail early, with the log, if the process died."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:  # type: ignore[attr-defined]
+            tail = log.read_text()[-4000:] if log and log.exists() else ""
+            pytest.fail(f"server exited with {proc.returncode} before ready:\n{tail}")  # type: ignore[attr-defined]
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    tail = log.read_text()[-4000:] if log and log.exists() else ""
+    pytest.fail(f"{base_url}/readyz not ready after {timeout:.0f} s:\n{tail}")

@@ -86,7 +86,11 @@ def test_dockerfile_targets_bases_and_layers() -> None:
         entry = json.loads(instrs["ENTRYPOINT"])
         assert entry[0] in scripts and scripts[entry[0]] == "service.__main__:main"
         assert "/models" in instrs["VOLUME"]
-        assert any(i == "COPY" and "models/" in a for i, a in stages[target])
+        # the default model is baked in (via the builder, where it is made readable)
+        assert ("COPY", f"--from={target}-builder /models /models") in stages[target]
+        assert ("COPY", "models/${DEFAULT_MODEL}/ /models/${DEFAULT_MODEL}/") in stages[
+            f"{target}-builder"
+        ]
         # Dependencies are installed before the source is copied.
         builder = stages[f"{target}-builder"]
         steps = [f"{i} {a}" for i, a in builder]

@@ -1,0 +1,222 @@
+"""The CPU image, built and run for real, without a Docker engine.
+
+podman builds docker/Dockerfile's `cpu` target with chroot isolation on a
+local stand-in for the public base (scripts/build-local-base.sh: debootstrap,
+then podman import; no registry is reachable). buildah runs the image's own
+ENTRYPOINT + CMD inside it, on 127.0.0.1, and the test inspects real MVTec AD
+bottle images through HTTP against the default model baked into the image,
+comparing the errors with onnxruntime run on the host on the same files.
+
+Layers are cached in podman's store, and the base's root filesystem under
+/var/cache/inspection-ci, so a second run rebuilds nothing that did not change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.helpers.deploy import REPO, free_port, tool, wait_ready
+
+pytestmark = pytest.mark.slow
+
+DEFAULT_MODEL = REPO / "models" / "bottle-pwae"
+IMAGE = "localhost/inspection-server:cpu-test"
+DATASETS = Path(os.environ.get("INSPECTION_DATASETS", REPO.parent / "shared" / "datasets"))
+BOTTLE = DATASETS / "mvtec_ad" / "bottle" / "test"
+
+
+def run(cmd: list[str], timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def pip_ca() -> Path | None:
+    """The CA bundle pip trusts here (a TLS-intercepting proxy's CA, if any)."""
+    for candidate in (os.environ.get("PIP_CERT"), ssl.get_default_verify_paths().cafile):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="module")
+def image() -> dict[str, Any]:
+    if os.geteuid() != 0:
+        pytest.skip("podman/buildah with chroot isolation need root here (CI runs as root)")
+    for name in ("podman", "buildah", "debootstrap"):
+        tool(name, "scripts/install-system-deps.sh installs it")
+    if not any(DEFAULT_MODEL.glob("*/metadata.json")):
+        pytest.skip(f"no default model under {DEFAULT_MODEL} to bake into the image yet")
+    started = time.monotonic()
+    base = run(["bash", str(REPO / "scripts" / "build-local-base.sh")], timeout=600)
+    assert base.returncode == 0, base.stderr
+    base_image = base.stdout.strip().splitlines()[-1]
+    base_s = time.monotonic() - started
+    cmd = [
+        "podman", "build", "--isolation", "chroot", "--format", "docker",
+        "--file", str(REPO / "docker" / "Dockerfile"), "--target", "cpu",
+        "--build-arg", f"CPU_BASE={base_image}", "--tag", IMAGE,
+    ]  # fmt: skip
+    ca = pip_ca()
+    if ca is not None:
+        cmd += ["--secret", f"id=pip_ca,src={ca}"]
+    build = run([*cmd, str(REPO)], timeout=900)
+    assert build.returncode == 0, build.stdout[-4000:] + build.stderr[-4000:]
+    inspect = run(["podman", "image", "inspect", IMAGE])
+    assert inspect.returncode == 0, inspect.stderr
+    info: dict[str, Any] = json.loads(inspect.stdout)[0]
+    print(
+        f"\nbase image {base_s:.0f} s, cpu image build {time.monotonic() - started - base_s:.0f} s,"
+        f" size {info['Size'] / 1e6:.0f} MB"
+    )
+    return info
+
+
+@pytest.fixture(scope="module")
+def container(image: dict[str, Any]) -> Iterator[str]:
+    name = f"inspection-test-{uuid.uuid4().hex[:8]}"
+    made = run(["buildah", "from", "--pull-never", "--name", name, IMAGE])
+    assert made.returncode == 0, made.stderr
+    try:
+        yield name
+    finally:
+        run(["buildah", "rm", name])
+
+
+def buildah_run(container: str, cmd: list[str], env: dict[str, str] | None = None) -> list[str]:
+    flags = ["--isolation", "chroot", "--network", "host"]
+    for key, value in (env or {}).items():
+        flags += ["--env", f"{key}={value}"]
+    return ["buildah", "run", *flags, container, "--", *cmd]
+
+
+@pytest.fixture(scope="module")
+def server(
+    image: dict[str, Any], container: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    config = image["Config"]
+    # What `docker run` would start: the image's own entrypoint and command.
+    command = (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
+    port = free_port()
+    # Listen on loopback only: the run shares this machine's network.
+    env = {"INSPECTION_HOST": "127.0.0.1", "INSPECTION_PORT": str(port)}
+    log = tmp_path_factory.mktemp("image") / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            buildah_run(container, command, env),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the server inside dies with it
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc, timeout=180, log=log)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def healthcheck(image: dict[str, Any]) -> dict[str, Any]:
+    # podman reports the Docker-format HEALTHCHECK beside Config, docker inside it.
+    found = image["Config"].get("Healthcheck") or image.get("Healthcheck")
+    assert found, "the image has no HEALTHCHECK (build with --format docker)"
+    return dict(found)
+
+
+def test_image_runs_the_tested_entrypoint_as_non_root(image: dict[str, Any]) -> None:
+    config = image["Config"]
+    assert config["Entrypoint"] == ["inspection-server"]
+    assert config["User"].split(":")[0] == "10001"
+    assert "/readyz" in " ".join(healthcheck(image)["Test"])
+    assert "/models" in config["Volumes"]
+    # "small": the base (~160 MB) plus numpy, OpenCV and onnxruntime, no torch.
+    assert image["Size"] < 700e6, f"{image['Size'] / 1e6:.0f} MB"
+
+
+def test_image_has_onnxruntime_and_no_torch(container: str) -> None:
+    probe = (
+        "import importlib.util, onnxruntime as ort, os; "
+        "print(ort.get_available_providers(), os.getuid(), "
+        "importlib.util.find_spec('torch') is None)"
+    )
+    result = run(buildah_run(container, ["python3", "-c", probe]))
+    assert result.returncode == 0, result.stderr
+    assert "CPUExecutionProvider" in result.stdout
+    assert result.stdout.split()[-2:] == ["10001", "True"], result.stdout
+
+
+def host_reference(image_bytes: bytes) -> tuple[dict[str, Any], float]:
+    """The newest default model version run by onnxruntime on the host."""
+    from service.artifact import load_artifact
+    from service.contract import OUTPUT_IMAGE_ERROR
+    from service.preprocessing import prepare
+
+    art = load_artifact(DEFAULT_MODEL, providers=["CPUExecutionProvider"])
+    prepared = prepare(image_bytes, art.metadata.input, art.metadata.grid)
+    (e0,) = art.session.run([OUTPUT_IMAGE_ERROR], {"image": prepared.tensor[None]})
+    return art.metadata.model_dump(mode="json"), float(e0[0])
+
+
+def find_number(doc: Any, keys: tuple[str, ...]) -> float:
+    """The first numeric value under one of ``keys``, searched depth-first."""
+    if isinstance(doc, dict):
+        for key in keys:
+            if isinstance(doc.get(key), int | float):
+                return float(doc[key])
+        for value in doc.values():
+            try:
+                return find_number(value, keys)
+            except KeyError:
+                pass
+    raise KeyError(keys)
+
+
+@pytest.mark.parametrize("picture", ["good/000.png", "broken_large/000.png"])
+def test_image_inspects_real_bottles(server: str, picture: str) -> None:
+    path = BOTTLE / picture
+    if not path.is_file():
+        pytest.skip(f"{path} absent: set INSPECTION_DATASETS to the datasets folder")
+    data = path.read_bytes()
+    answer = httpx.post(
+        f"{server}/v1/inspect",
+        content=data,
+        headers={"Content-Type": "image/png"},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    metadata, e0 = host_reference(data)
+    assert body["model"]["name"] == metadata["name"]
+    assert int(body["model"]["version"]) == metadata["version"]
+    assert body["verdict"] in ("defect_free", "defective")
+    served_e0 = find_number(body, ("e0", "image_error"))
+    assert np.isclose(served_e0, e0, rtol=1e-3, atol=1e-6), (served_e0, e0)
+
+
+def test_image_healthcheck_passes_on_the_running_server(
+    image: dict[str, Any], container: str, server: str
+) -> None:
+    kind, *command = healthcheck(image)["Test"]
+    assert kind == "CMD"
+    port = server.rsplit(":", 1)[1]
+    check = run(buildah_run(container, command, {"INSPECTION_PORT": port}))
+    assert check.returncode == 0, check.stderr
+    # and it fails where nothing listens
+    dead = run(buildah_run(container, command, {"INSPECTION_PORT": str(free_port())}))
+    assert dead.returncode != 0
