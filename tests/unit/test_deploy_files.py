@@ -394,3 +394,57 @@ def test_k8s_training_job_writes_to_the_server_model_repository() -> None:
     assert server["PersistentVolumeClaim"]["metadata"]["name"] in claims
     assert pod["restartPolicy"] == "Never"
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+# ---------------------------------------------------------- settings names
+
+
+def settings_env_names() -> set[str]:
+    """INSPECTION_* variables the server's settings class reads."""
+    module = pytest.importorskip("service.settings", reason="the server's settings not there yet")
+    from pydantic_settings import BaseSettings
+
+    classes = [
+        c
+        for c in vars(module).values()
+        if isinstance(c, type) and issubclass(c, BaseSettings) and c is not BaseSettings
+    ]
+    assert classes, "service/settings.py defines no pydantic-settings class"
+    names: set[str] = set()
+    for cls in classes:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        for field_name, field in cls.model_fields.items():
+            names.add((prefix + field_name).upper())
+            for alias in (field.alias, field.validation_alias):
+                if isinstance(alias, str):
+                    names.add(alias.upper())
+    return names
+
+
+def deployment_env_names() -> dict[str, set[str]]:
+    where: dict[str, set[str]] = {}
+    files = [
+        DOCKERFILE,
+        COMPOSE,
+        DOCKER / ".env.example",
+        K8S / "configmap.yaml",
+        K8S / "deployment.yaml",
+        REPO / "docs" / "deployment.md",
+    ]
+    for path in files:
+        for name in re.findall(r"\bINSPECTION_[A-Z0-9_]+", path.read_text()):
+            where.setdefault(name, set()).add(path.name)
+    return where
+
+
+# Not server settings: compose's own interpolation and the tests' data location.
+NOT_SETTINGS = {"INSPECTION_PUBLISH", "INSPECTION_IMAGE_GPU", "INSPECTION_IMAGE_CPU"}
+NOT_SETTINGS |= {"INSPECTION_DATASETS"}
+
+
+def test_deployment_sets_only_real_server_settings() -> None:
+    real = settings_env_names()
+    used = deployment_env_names()
+    assert {"INSPECTION_HOST", "INSPECTION_PORT", "INSPECTION_MODEL_DIR"} <= set(used)
+    unknown = {n: sorted(w) for n, w in used.items() if n not in real and n not in NOT_SETTINGS}
+    assert not unknown, f"not settings of the server: {unknown}; it reads {sorted(real)}"
