@@ -163,6 +163,25 @@ def test_compose_gpu_cpu_health_and_order() -> None:
         assert conditions == {"service_healthy"}, svc
 
 
+def test_compose_references_resolve() -> None:
+    # What the schema cannot see: names and paths that must exist.
+    doc = compose()
+    services, volumes = doc["services"], set(doc["volumes"])
+    for name, svc in services.items():
+        for dep in svc.get("depends_on", {}):
+            assert dep in services, f"{name} depends on unknown {dep}"
+        for mount in svc.get("volumes", []):
+            source = mount.split(":")[0]
+            if source.startswith("."):
+                assert (DOCKER / source).exists(), f"{name}: {source} missing"
+            else:
+                assert source in volumes, f"{name}: volume {source} not declared"
+        build = svc.get("build")
+        if build:
+            assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+            assert build["target"] in dockerfile_stages()
+
+
 def test_env_file_example_committed_real_one_ignored() -> None:
     example = DOCKER / ".env.example"
     assert example.is_file()
