@@ -258,7 +258,7 @@ def test_dashboard_queries_parse_with_promtool(tmp_path: Path) -> None:
     promtool = tool("promtool", "Debian prometheus")
     queries = panel_queries(dashboard())
     assert len(queries) >= 15
-    rules = {
+    rules: dict[str, Any] = {
         "groups": [
             {
                 "name": "dashboard",
