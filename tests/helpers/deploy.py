@@ -114,3 +114,35 @@ def wait_ready(base_url: str, proc: object, timeout: float, log: Path | None = N
         time.sleep(0.5)
     tail = log.read_text()[-4000:] if log and log.exists() else ""
     pytest.fail(f"{base_url}/readyz not ready after {timeout:.0f} s:\n{tail}")
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(where, PromQL) for every dashboard panel target, annotation and alert."""
+    import json
+
+    import yaml
+
+    dash = json.loads(DASHBOARD.read_text())
+    out = [
+        (f"panel {p['title']!r}", t["expr"]) for p in dash["panels"] for t in p.get("targets", [])
+    ]
+    out += [
+        (f"annotation {a['name']!r}", a["expr"]) for a in dash["annotations"]["list"] if "expr" in a
+    ]
+    alerts = yaml.safe_load((DOCKER / "prometheus" / "alerts.yml").read_text())
+    out += [(f"alert {r['alert']}", r["expr"]) for g in alerts["groups"] for r in g["rules"]]
+    return out
+
+
+_MATCHER_LABEL = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+_GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+
+
+def label_names(expr: str) -> set[str]:
+    """Label names a PromQL expression matches on or groups by (``le`` aside)."""
+    names: set[str] = set()
+    for matchers in _LABEL_MATCHERS.findall(_STRINGS.sub('""', expr)):
+        names |= set(_MATCHER_LABEL.findall(matchers))
+    for group in _GROUPING.findall(expr):
+        names |= {n.strip() for n in group.split(",") if n.strip()}
+    return names - {"le", "job", "instance"}

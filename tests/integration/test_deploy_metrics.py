@@ -4,7 +4,9 @@ started the way the container starts it (``python -m service``)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +15,16 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.helpers.deploy import REPO, dashboard_metric_names, free_port, wait_ready
+from tests.helpers.deploy import (
+    DASHBOARD,
+    REPO,
+    dashboard_metric_names,
+    dashboard_queries,
+    free_port,
+    label_names,
+    metric_names,
+    wait_ready,
+)
 
 DEFAULT_MODEL = REPO / "models" / "bottle-pwae"
 
@@ -74,12 +85,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             proc.wait()
 
 
-def test_dashboard_alerts_and_hpa_use_only_exposed_metrics(server: str) -> None:
+@pytest.fixture(scope="module")
+def exposition(server: str) -> str:
+    """/metrics after one good inspection and one rejected input, the paths
+    that create the labelled series."""
     import cv2
     import numpy as np
 
-    # Exercise the paths that create labelled series: one good inspection and
-    # one rejected input.
     img = np.full((300, 300, 3), 128, np.uint8)
     ok, png = cv2.imencode(".png", img)
     assert ok
@@ -97,10 +109,13 @@ def test_dashboard_alerts_and_hpa_use_only_exposed_metrics(server: str) -> None:
         timeout=60,
     )
     assert 400 <= bad.status_code < 500, bad.text
-
     metrics = httpx.get(f"{server}/metrics", timeout=30)
     assert metrics.status_code == 200
-    exposed = exposed_names(metrics.text)
+    return metrics.text
+
+
+def test_dashboard_alerts_and_hpa_use_only_exposed_metrics(exposition: str) -> None:
+    exposed = exposed_names(exposition)
     assert any(n.startswith("inspection_") for n in exposed), "no inspection_ metrics at all"
     used = dashboard_metric_names()
     missing = {name: sorted(where) for name, where in used.items() if name not in exposed}
@@ -108,3 +123,30 @@ def test_dashboard_alerts_and_hpa_use_only_exposed_metrics(server: str) -> None:
         "read by the deployment but not exposed by the server: "
         f"{missing}; exposed: {sorted(n for n in exposed if n.startswith('inspection_'))}"
     )
+
+
+def test_dashboard_and_alerts_use_only_exposed_labels(exposition: str) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    labels: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    queries = dashboard_queries()
+    dash = json.loads(DASHBOARD.read_text())
+    for var in dash["templating"]["list"]:
+        m = re.match(r"label_values\((\w+)[^,]*,\s*(\w+)\)", var["definition"])
+        assert m, var["definition"]
+        queries.append((f"variable ${var['name']}", f'{m.group(1)}{{{m.group(2)}!=""}}'))
+    checked, wrong = 0, {}
+    for where, expr in queries:
+        series = [labels[m] for m in metric_names(expr) if m in labels]
+        if not series:  # no series yet (e.g. no reload happened): nothing to compare
+            continue
+        checked += 1
+        have = set().union(*series)
+        unknown = label_names(expr) - have
+        if unknown:
+            wrong[where] = (sorted(unknown), sorted(have))
+    assert not wrong, f"labels the server does not put on these metrics: {wrong}"
+    assert checked >= len(queries) // 2, f"only {checked} of {len(queries)} queries had series"
