@@ -198,3 +198,18 @@ def test_header_lying_about_size_is_corrupt() -> None:
     with pytest.raises(InputRejected) as err:
         prepare(bytes(data))
     assert err.value.reason == Reject.CORRUPT
+
+
+def test_large_jpeg_is_decoded_scaled_down_like_the_area_filter() -> None:
+    rng = np.random.default_rng(0)
+    small = cv2.cvtColor(good_image(rng), cv2.COLOR_RGB2BGR)
+    big = cv2.resize(small, (2400, 2400), interpolation=cv2.INTER_LINEAR)
+    data = _encode(".jpg", big)
+    assert decode(data, target=(300, 300)).shape == (300, 300, 3)  # 1/8 in the DCT domain
+    assert decode(data, target=(1000, 1000)).shape == (1200, 1200, 3)  # 1/2
+    assert decode(data).shape == (2400, 2400, 3)
+    out = prepare(data)
+    assert out.source_size == (2400, 2400)
+    full = cv2.resize(decode(data), (300, 300), interpolation=cv2.INTER_AREA)
+    reference = cv2.cvtColor(full, cv2.COLOR_BGR2RGB).astype(np.float32)
+    assert np.abs(out.rgb.astype(np.float32) - reference).mean() < 2.0  # grey levels
