@@ -74,7 +74,11 @@ def test_dockerfile_targets_bases_and_layers() -> None:
     text = DOCKERFILE.read_text()
     # The public bases are the defaults; the build arguments only swap them.
     assert re.search(r"^ARG CPU_BASE=python:3\.11-slim-bookworm$", text, re.M)
-    assert re.search(r"^ARG GPU_BASE=nvidia/cuda:12\.[\d.]+-cudnn-runtime-ubuntu", text, re.M)
+    assert re.search(r"^ARG GPU_BASE=nvidia/cuda:1\d\.[\d.]+-cudnn-runtime-ubuntu", text, re.M)
+    # the GPU build checks that onnxruntime-gpu finds its CUDA libraries in the base
+    assert any(
+        "check-cuda-libs.sh" in a for i, a in dockerfile_stages()["gpu-builder"] if i == "RUN"
+    )
     stages = dockerfile_stages()
     assert {"cpu", "gpu", "train"} <= set(stages)
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
