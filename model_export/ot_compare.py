@@ -48,6 +48,13 @@ def _metric(meta: ModelMetadata, names: tuple[str, ...]) -> str:
     return "-"
 
 
+def _rule(meta: ModelMetadata) -> str:
+    m = meta.evaluation.metrics if meta.evaluation else {}
+    if not all(k in m for k in ("fp", "tn", "fn", "tp")):
+        return "-"
+    return f"{m['fp']:.0f}/{m['fp'] + m['tn']:.0f}, {m['fn']:.0f}/{m['fn'] + m['tp']:.0f}"
+
+
 def time_model(path: Path, runs: int = 20, threads: int = 0) -> tuple[float, float]:
     """(median ms per image at batch 1, size in MB) through onnxruntime CPU."""
     art = load_artifact(path, providers=["CPUExecutionProvider"], intra_op_threads=threads)
@@ -75,9 +82,10 @@ def report(paths: Sequence[Path], runs: int) -> str:
         n_test = f"{ev.good_images}+{ev.defective_images}" if ev else "-"
         rows.append(
             f"| {art_meta.family} | {art_meta.training_data.category} | {' | '.join(cells)} "
-            f"| {n_test} | {ms:.0f} | {mb:.1f} | `{version_dir}` |"
+            f"| {n_test} | {_rule(art_meta)} | {ms:.0f} | {mb:.1f} | `{version_dir}` |"
         )
     head = "| family | category | " + " | ".join(METRIC_KEYS) + " | test good+defective "
+    head += "| calibrated rule on test: FP/good, FN/defective "
     head += "| ms/image (ORT CPU, batch 1) | model.onnx MB | artifact |"
     sep = "|" + "---|" * (head.count("|") - 1)
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -362,7 +362,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target-fpr", type=float, default=0.01)
     args = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.stage in ("train", "all"):
         if args.data is None:
             ap.error("--data is needed to train")

@@ -1,0 +1,100 @@
+"""OT prototypes end to end: synthetic category -> train -> calibrate ->
+evaluate -> export -> service.artifact.load_artifact, and a real-data floor."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_export import ot_run
+from model_export.ot_prototypes import MemberConfig, OTPrototypesConfig
+from service.artifact import load_artifact
+from service.preprocessing import prepare
+from tests.helpers.synthetic import encode_png, good_image, inject_defect, write_category
+
+REPO = Path(__file__).resolve().parents[2]
+DATASETS = Path(os.environ.get("INSPECTION_DATASETS", REPO.parent / "shared" / "datasets"))
+
+# Small enough for CI: one global and one local member, few prototypes.
+SMALL = OTPrototypesConfig(
+    members=(MemberConfig("s8", 0.0, 2), MemberConfig("s16", 0.5, 4)),
+    sinkhorn_iterations=20,
+)
+
+
+@pytest.mark.slow
+def test_synthetic_end_to_end(tmp_path: Path) -> None:
+    cat = write_category(tmp_path / "data", n_train=12, n_test_good=4, n_test_defective=6)
+    work = tmp_path / "work"
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(SMALL.to_dict()))
+    out = tmp_path / "models" / "synthetic-otproto" / "1"
+    ot_run.main(
+        [
+            "all",
+            "--data",
+            str(cat),
+            "--work",
+            str(work),
+            "--config",
+            str(cfg),
+            "--holdout",
+            "0.25",
+            "--export",
+            str(out),
+        ]
+    )
+    ev = json.loads((work / "evaluation.json").read_text())
+    # Defects on the synthetic part are blatant: the family must see them.
+    assert ev["image_auroc"] >= 0.9
+    assert ev["pixel_auroc"] >= 0.9
+    assert 0.0 <= ev["pro_30"] <= 1.0
+
+    art = load_artifact(out, providers=["CPUExecutionProvider"])
+    assert art.metadata.family == "ot_prototypes"
+    assert art.metadata.evaluation is not None
+    rng = np.random.default_rng(123)
+    good = good_image(rng)
+    bad, mask = inject_defect(good, rng, "blob")
+    x = np.stack([prepare(encode_png(im), art.metadata.input).tensor for im in (good, bad)])
+    e0, tiles, amap = art.session.run(None, {"image": x})
+    assert e0.shape == (2,) and tiles.shape == (2, 9) and amap.shape == (2, 300, 300)
+    assert np.isfinite(amap).all()
+    eps = np.array(art.metadata.thresholds.all)
+    ratio = (np.concatenate([e0[:, None], tiles], 1) / eps).max(1)
+    assert ratio[1] > ratio[0]
+    # The map peaks on the defect.
+    assert amap[1][mask > 0].mean() > amap[1][mask == 0].mean() * 1.5
+
+
+@pytest.mark.slow
+def test_bottle_floor(tmp_path: Path) -> None:
+    bottle = DATASETS / "mvtec_ad" / "bottle"
+    if not (bottle / "train" / "good").is_dir():
+        pytest.skip(f"MVTec AD bottle not found under {DATASETS} (set INSPECTION_DATASETS)")
+    cfg = tmp_path / "config.json"
+    # One cheap member (coarse scale, global) on a fifth of the training set
+    # keeps this within CI's budget; the full model is in docs/model-comparison.md.
+    cfg.write_text(json.dumps(OTPrototypesConfig(members=(MemberConfig("s16", 0.0, 4),)).to_dict()))
+    work = tmp_path / "work"
+    ot_run.main(
+        [
+            "train",
+            "--data",
+            str(bottle),
+            "--work",
+            str(work),
+            "--config",
+            str(cfg),
+            "--holdout",
+            "0.8",
+        ]
+    )
+    ot_run.main(["calibrate", "--work", str(work)])
+    ev = ot_run.evaluate(work)
+    assert ev["image_auroc"] >= 0.95
+    assert ev["pixel_auroc"] >= 0.90
