@@ -23,7 +23,6 @@ not exist yet; the model itself is in :mod:`model_export.ot_prototypes`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -31,10 +30,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 
+from model_export.calibration import calibrate_thresholds
+from model_export.data import fingerprint, load_tensor, split_train, test_set
+from model_export.evaluation import evaluate_scores, score
 from model_export.ot_prototypes import OPSET, OTPrototypesConfig, OTPrototypesModel, fit, to_onnx
 from service.contract import (
     Calibration,
@@ -45,157 +46,6 @@ from service.contract import (
     TileGrid,
     TrainingData,
 )
-from service.preprocessing import prepare
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-
-
-# --- data -------------------------------------------------------------------------
-
-
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
-
-
-def split_train(
-    category: Path, holdout_fraction: float, seed: int
-) -> tuple[list[Path], list[Path]]:
-    """(fit, holdout) from train/good, seeded; test/ is never touched here."""
-    paths = _images(category / "train" / "good")
-    if len(paths) < 2:
-        raise ValueError(f"{category}/train/good needs at least 2 images, has {len(paths)}")
-    perm = np.random.default_rng(seed).permutation(len(paths))
-    n_hold = min(len(paths) - 1, max(1, round(holdout_fraction * len(paths))))
-    hold = sorted(paths[i] for i in perm[:n_hold])
-    fit_paths = sorted(paths[i] for i in perm[n_hold:])
-    return fit_paths, hold
-
-
-def load_tensor(path: Path, spec: InputSpec | None = None) -> torch.Tensor:
-    return torch.from_numpy(prepare(path.read_bytes(), spec or InputSpec()).tensor)
-
-
-def fingerprint(paths: Sequence[Path]) -> str:
-    digest = hashlib.sha256()
-    for p in sorted(paths, key=lambda q: q.name):
-        digest.update(p.name.encode())
-        digest.update(p.read_bytes())
-    return digest.hexdigest()
-
-
-def test_set(category: Path, size: int = 300) -> list[tuple[Path, int, np.ndarray]]:
-    """(image, label 1=defective, mask bool (size, size)) for every test image."""
-    out = []
-    for d in sorted(p for p in (category / "test").iterdir() if p.is_dir()):
-        for p in _images(d):
-            mask = np.zeros((size, size), bool)
-            if d.name != "good":
-                mp = category / "ground_truth" / d.name / f"{p.stem}_mask.png"
-                if mp.is_file():
-                    m = cv2.imread(str(mp), cv2.IMREAD_GRAYSCALE)
-                    if m is None:
-                        raise ValueError(f"cannot read mask {mp}")
-                    m = cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST)
-                    mask = m > 127
-            out.append((p, int(d.name != "good"), mask))
-    return out
-
-
-@torch.no_grad()
-def score(
-    model: OTPrototypesModel, paths: Sequence[Path], batch: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 10) errors e0..e9 and (N, 300, 300) maps."""
-    errs, maps = [], []
-    for i in range(0, len(paths), batch):
-        x = torch.stack([load_tensor(p) for p in paths[i : i + batch]])
-        e0, tiles, amap = model(x)
-        errs.append(torch.cat([e0[:, None], tiles], 1).numpy())
-        maps.append(amap.numpy())
-    return np.concatenate(errs), np.concatenate(maps)
-
-
-# --- calibration ------------------------------------------------------------------
-
-
-def calibrate_thresholds(errors: np.ndarray, target_fpr: float) -> tuple[np.ndarray, float]:
-    """One quantile level q for all columns, the lowest whose rule meets the target.
-
-    Returns (eps (10,), achieved FPR). Bisection on q: the rule's FPR falls
-    monotonically as q rises, and q = 1 (the held-out maxima) gives 0.
-    """
-
-    def rule_fpr(eps: np.ndarray) -> float:
-        return float((errors > eps).any(axis=1).mean())
-
-    lo, hi = 0.5, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if rule_fpr(np.quantile(errors, mid, axis=0)) <= target_fpr:
-            hi = mid
-        else:
-            lo = mid
-    eps = np.quantile(errors, hi, axis=0)
-    # Strictly above every accepted held-out value; positive as the contract wants.
-    eps = np.maximum(eps * (1 + 1e-6), 1e-12)
-    return eps, rule_fpr(eps)
-
-
-# --- metrics ----------------------------------------------------------------------
-
-
-def max_balanced_accuracy(labels: np.ndarray, scores: np.ndarray) -> float:
-    from sklearn.metrics import roc_curve
-
-    fpr, tpr, _ = roc_curve(labels, scores)
-    return float(((tpr + 1 - fpr) / 2).max())
-
-
-def pro_score(masks: np.ndarray, maps: np.ndarray, max_fpr: float = 0.3, steps: int = 200) -> float:
-    """Per-region overlap averaged over ground-truth regions, integrated over
-    pixel FPR in [0, max_fpr] and divided by max_fpr (MVTec AD's PRO)."""
-    regions: list[tuple[int, np.ndarray]] = []  # (image index, region pixels flat indices)
-    for i, m in enumerate(masks):
-        n, lab = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
-        for r in range(1, n):
-            regions.append((i, np.flatnonzero(lab == r)))
-    if not regions:
-        return float("nan")
-    normal = maps[~masks]
-    thresholds = np.quantile(normal, np.linspace(1.0, 1.0 - max_fpr, steps))
-    flat = maps.reshape(len(maps), -1)
-    fprs, pros = [], []
-    for t in thresholds:
-        fprs.append(float((normal > t).mean()))
-        pros.append(float(np.mean([(flat[i, px] > t).mean() for i, px in regions])))
-    f, p = np.array(fprs), np.array(pros)
-    keep = f <= max_fpr
-    area = float(np.trapezoid(p[keep], f[keep]))
-    return area / max_fpr
-
-
-def evaluate_scores(
-    errors: np.ndarray, maps: np.ndarray, labels: np.ndarray, masks: np.ndarray, eps: np.ndarray
-) -> dict[str, float]:
-    from sklearn.metrics import roc_auc_score
-
-    ratio = (errors / eps).max(axis=1)  # the continuous score max_k(ek / epsk)
-    predicted = (errors > eps).any(axis=1)
-    metrics = {
-        "image_auroc": float(roc_auc_score(labels, ratio)),
-        "image_auroc_e0": float(roc_auc_score(labels, errors[:, 0])),
-        "max_balanced_accuracy": max_balanced_accuracy(labels, ratio),
-        "tp": float((predicted & (labels == 1)).sum()),
-        "fp": float((predicted & (labels == 0)).sum()),
-        "tn": float((~predicted & (labels == 0)).sum()),
-        "fn": float((~predicted & (labels == 1)).sum()),
-    }
-    if masks.any():
-        sub = (slice(None), slice(None, None, 2), slice(None, None, 2))  # 150x150: 4x less memory
-        metrics["pixel_auroc"] = float(roc_auc_score(masks[sub].ravel(), maps[sub].ravel()))
-        metrics["pro_30"] = pro_score(masks, maps)
-    return metrics
-
 
 # --- stages -----------------------------------------------------------------------
 
