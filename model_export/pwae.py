@@ -1,0 +1,418 @@
+"""P-WAE: a patch-wise Wasserstein autoencoder for anomaly screening (Zhang et al.).
+
+A 300x300 image is cut into a 3x3 grid of 100x100 tiles (service.tiler, the
+same code the server's tests check). During training the tiles are shuffled by
+a permutation drawn from a fixed set (the jigsaw task); a Siamese encoder maps
+every tile to a latent code; tile k's codes are pulled towards its own prior
+T(nu=5, mu=k, sigma=1) by a sliced-Wasserstein distance; a linear head
+recovers the permutation from the nine codes; a decoder of
+Upsample-Conv-BN-ReLU blocks reconstructs the image. At test time the tiles
+are not shuffled and the errors are L2 reconstruction errors: e0 over the
+whole image, e1..e9 per tile, all computed inside the exported graph.
+
+Where the paper is vague, the choices are made here and said why:
+
+* The latent code of a tile is a small spatial map (``latent_channels`` x 7 x 7
+  from the encoder's stride-16 features), not a single vector: a vector per
+  100x100 tile reconstructs only a blur, and the blur's error on good images
+  drowns the defects. The bottleneck stays meaningful: 9 x 8 x 7 x 7 = 3528
+  numbers for 270,000 input values (77x), so the decoder cannot copy its input.
+* The decoder sees the nine codes reassembled in their true (unshuffled) grid
+  positions, as one 21x21 map, and decodes the whole image at once: decoding
+  tiles one by one leaves seams at tile borders that look like defects.
+* The encoder is ImageNet-pretrained and frozen by default (``freeze_encoder``):
+  on a 2-core CPU fine-tuning it costs 10x the training time. The latent
+  projection on top of it, the jigsaw head and the decoder are trained.
+* The error map is smoothed with a small Gaussian before the reductions
+  (``error_sigma`` pixels; 0 switches it off): single-pixel texture noise in
+  the reconstruction says nothing about a defect, a blob of error does.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from model_export.backbones import BackboneName, Encoder, build_encoder
+from service import tiler
+
+IMAGE_SIZE = 300
+GRID = 3
+TILE = IMAGE_SIZE // GRID
+OPSET = 18
+
+
+class PWAEConfig(BaseModel):
+    """Hyper-parameters; the paper's settings are the defaults where it gives them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: BackboneName = "efficientnet_lite0"
+    backbone_weights: str | None = None  # ResNet-50 only: torchvision's state dict file
+    freeze_encoder: bool = True
+    latent_channels: int = Field(8, ge=1)
+    # Three x2 blocks: 21 -> 168 pixels, then bilinear to 300. A fourth block to
+    # 336 cost 5x the training time on CPU for detail the smoothed error map
+    # (error_sigma) averages away anyway.
+    decoder_channels: tuple[int, ...] = (64, 32, 16)
+    # Jigsaw (Noroozi & Favaro): a fixed set of permutations with large Hamming distance.
+    permutations: int = Field(1000, ge=2)
+    permutation_seed: int = 0
+    # Student-t prior per tile k: T(nu, mu = k * prior_mu_step, sigma).
+    prior_nu: float = Field(5.0, gt=0)
+    prior_mu_step: float = 1.0
+    prior_sigma: float = Field(1.0, gt=0)
+    swd_projections: int = Field(64, ge=1)
+    # Loss = w_ae * L_AE + w_swd * L_SWD + w_jigsaw * L_jigsaw.
+    w_ae: float = 1.0
+    w_swd: float = 1.0
+    w_jigsaw: float = 1.0
+    # SGD, lr = lr0 / (1 + 10 p)^0.75 with p the training progress in [0, 1].
+    lr: float = 0.01
+    momentum: float = 0.9
+    epochs: int = Field(60, ge=1)
+    batch_size: int = Field(8, ge=2)  # the SWD compares distributions: >= 2 codes per tile
+    error_sigma: float = Field(4.0, ge=0)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PWAEConfig:
+        return cls.model_validate(raw)
+
+
+PAPER = PWAEConfig()  # the recipe as the paper gives it (with the choices above)
+
+
+# --- the pieces the paper names ------------------------------------------------
+
+
+def permutation_set(
+    count: int, seed: int, n: int = GRID * GRID, candidates: int = 40_000
+) -> np.ndarray:
+    """``count`` permutations of ``n`` with large pairwise Hamming distance.
+
+    Greedy max-min selection (Noroozi & Favaro's "maximal" set): each step
+    adds the candidate farthest, in Hamming distance, from those already
+    chosen. The candidates are a seeded sample of ``candidates`` of the n!
+    permutations rather than all 362,880: the selected set's distances are the
+    same in practice at a tenth of the time (the default 1000 differ pairwise
+    in 8.0 of 9 positions on average, at least 5; tests/unit/test_pwae.py).
+    Row 0 is the identity, the order used at test time.
+    """
+    rng = np.random.default_rng(seed)
+    perms = np.array(list(itertools.permutations(range(n))), dtype=np.int8)
+    if count > len(perms):
+        raise ValueError(f"only {len(perms)} permutations of {n} exist, asked for {count}")
+    identity = np.arange(n, dtype=np.int8)[None]
+    sample = perms[rng.permutation(len(perms))[:candidates]]
+    perms = np.concatenate([identity, sample[(sample != identity).any(1)]])
+    chosen = [0]
+    min_dist = (perms != perms[chosen[0]]).sum(1)
+    for _ in range(count - 1):
+        nxt = int(np.argmax(min_dist))
+        chosen.append(nxt)
+        np.minimum(min_dist, (perms != perms[nxt]).sum(1), out=min_dist)
+    return perms[chosen].astype(np.int64)
+
+
+def sample_student_t(
+    shape: Sequence[int],
+    nu: float,
+    mu: torch.Tensor | float,
+    sigma: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Student-t samples: mu + sigma * z / sqrt(chi2_nu / nu), z ~ N(0, 1).
+
+    chi2_nu = 2 * Gamma(nu / 2, 1), drawn by Marsaglia and Tsang's method from
+    the given generator: torch's own gamma sampler takes no generator, and
+    training must be reproducible under a seed.
+    """
+    z = torch.randn(*shape, generator=generator)
+    # Gamma(k, 1) by Marsaglia-Tsang with the generator, vectorised.
+    k = nu / 2.0
+    d = k - 1.0 / 3.0 if k >= 1 else k + 2.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = torch.empty(*shape)
+    todo = torch.ones(*shape, dtype=torch.bool)
+    while todo.any():
+        x = torch.randn(*shape, generator=generator)
+        v = (1 + c * x) ** 3
+        u = torch.rand(*shape, generator=generator)
+        ok = (v > 0) & (
+            torch.log(u.clamp_min(1e-12))
+            < 0.5 * x**2 + d - d * v + d * torch.log(v.clamp_min(1e-12))
+        )
+        take = ok & todo
+        out[take] = (d * v)[take]
+        todo &= ~ok
+    if k < 1:  # boost: Gamma(k) = Gamma(k + 1) * U^(1/k)
+        out = out * torch.rand(*shape, generator=generator) ** (1.0 / k)
+    chi2 = 2.0 * out
+    return mu + sigma * z / torch.sqrt(chi2 / nu)
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
+    """Squared sliced-Wasserstein-2 distance between two equal-size samples.
+
+    a, b: (..., B, D); projections: (D, L) unit columns. Each projection turns
+    both samples into 1-D ones, whose W2 is the mean squared difference of
+    their sorted values; the result is the mean over projections (and over
+    any leading batch of sample pairs).
+    """
+    pa = torch.sort(a @ projections, dim=-2).values
+    pb = torch.sort(b @ projections, dim=-2).values
+    return ((pa - pb) ** 2).mean()
+
+
+def random_projections(dim: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """(dim, count) directions drawn uniformly on the unit sphere."""
+    p = torch.randn(dim, count, generator=generator)
+    return p / p.norm(dim=0, keepdim=True)
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(x**2) / (2 * sigma**2))
+    return k / k.sum()
+
+
+# --- the model -----------------------------------------------------------------
+
+
+def _up_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class PWAE(nn.Module):
+    """forward(image) -> (image_error (N), tile_errors (N, 9), anomaly_map (N, 300, 300))."""
+
+    def __init__(self, config: PWAEConfig, encoder: Encoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder or build_encoder(
+            config.backbone, TILE, stride=16, weights=config.backbone_weights
+        )
+        if config.freeze_encoder:
+            self.encoder.eval()
+            for p in self.encoder.parameters():
+                p.requires_grad_(False)
+        c = config.latent_channels
+        self.to_latent = nn.Sequential(
+            nn.Conv2d(self.encoder.channels, c, 1), nn.BatchNorm2d(c, affine=False)
+        )
+        self.cells = math.ceil(TILE / self.encoder.stride)  # 7 latent cells per tile side
+        self.jigsaw = nn.Linear(GRID * GRID * c, config.permutations)
+        chans = (c, *config.decoder_channels)
+        self.decoder = nn.Sequential(
+            *(_up_block(a, b) for a, b in itertools.pairwise(chans)),
+            nn.Conv2d(chans[-1], 3, 3, padding=1),
+        )
+        perms = permutation_set(config.permutations, config.permutation_seed)
+        self.register_buffer("perms", torch.from_numpy(perms), persistent=True)
+        kernel = gaussian_kernel(config.error_sigma) if config.error_sigma > 0 else torch.ones(1)
+        self.register_buffer("kernel", kernel, persistent=False)
+
+    def train(self, mode: bool = True) -> PWAE:
+        super().train(mode)
+        if self.config.freeze_encoder:
+            self.encoder.eval()  # frozen BN statistics stay ImageNet's
+        return self
+
+    # (N, 3, 300, 300) -> (N, 9, 3, 100, 100), tiles row-major
+    def tiles(self, image: torch.Tensor) -> torch.Tensor:
+        return tiler.to_tiles(image, GRID, GRID).permute(0, 2, 1, 3, 4)
+
+    def encode(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(N, 9, 3, 100, 100) -> latent maps (N, 9, c, 7, 7); the encoder is shared (Siamese)."""
+        n = tiles.shape[0]
+        feats = self.encoder(tiles.reshape(n * GRID * GRID, 3, TILE, TILE))
+        return self.latent(feats.reshape(n, GRID * GRID, *feats.shape[1:]))
+
+    def latent(self, feats: torch.Tensor) -> torch.Tensor:
+        """Encoder features (N, 9, C, 7, 7) -> latent maps (N, 9, c, 7, 7)."""
+        n = feats.shape[0]
+        z = self.to_latent(feats.reshape(n * GRID * GRID, *feats.shape[2:]))
+        return z.reshape(n, GRID * GRID, *z.shape[1:])
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent maps in true grid order (N, 9, c, h, w) -> image (N, 3, 300, 300)."""
+        # (N, 9, c, h, w) -> (N, c, 9, h, w) -> (N, c, 3h, 3w): the tiler's inverse.
+        grid = tiler.from_tiles(z.permute(0, 2, 1, 3, 4), GRID, GRID)
+        out = self.decoder(grid)
+        return F.interpolate(
+            out, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+        )
+
+    def error_map(self, image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """Per-pixel squared error, mean over channels, Gaussian-smoothed: (N, 300, 300)."""
+        err = ((image - recon) ** 2).mean(1, keepdim=True)
+        if self.config.error_sigma > 0:
+            k: torch.Tensor = self.kernel  # type: ignore[assignment]
+            r = k.numel() // 2
+            err = F.conv2d(F.pad(err, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+            err = F.conv2d(F.pad(err, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+        return err[:, 0]
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        recon = self.decode(self.encode(self.tiles(image)))
+        amap = self.error_map(image, recon)
+        return amap.mean((1, 2)), tiler.tile_means(amap, GRID, GRID), amap
+
+
+# --- training --------------------------------------------------------------------
+
+
+def losses(
+    model: PWAE,
+    image: torch.Tensor,
+    feats: torch.Tensor | None,
+    perm_idx: torch.Tensor,
+    generator: torch.Generator,
+) -> dict[str, torch.Tensor]:
+    """The three losses for one batch shuffled by permutations ``perm_idx``.
+
+    ``feats`` are the frozen encoder's features of the unshuffled tiles when
+    cached; the encoder is Siamese (per tile), so shuffling tiles shuffles
+    their features identically and the cache stays valid.
+    """
+    cfg = model.config
+    n = image.shape[0]
+    perms = model.perms[perm_idx]  # type: ignore[index]  # (N, 9): slot i shows original tile perms[i]
+    z_true = model.encode(model.tiles(image)) if feats is None else model.latent(feats)
+    # The shuffled sequence the jigsaw head sees: slot i holds tile perms[i].
+    z_shuffled = torch.gather(
+        z_true, 1, perms.view(n, -1, 1, 1, 1).expand(-1, -1, *z_true.shape[2:])
+    )
+    codes = z_shuffled.mean((3, 4)).reshape(n, -1)  # pooled code per slot, in shuffled order
+    l_jig = F.cross_entropy(model.jigsaw(codes), perm_idx)
+    # SWD: codes of original tile k against samples of its prior T(nu, mu=k, sigma),
+    # summed over tiles; tile numbers are 1-based (service.tiler).
+    flat = z_true.reshape(n, GRID * GRID, -1).transpose(0, 1)  # (9, N, D)
+    proj = random_projections(flat.shape[-1], cfg.swd_projections, generator)
+    mu = torch.arange(1, GRID * GRID + 1, dtype=flat.dtype).view(-1, 1, 1) * cfg.prior_mu_step
+    prior = sample_student_t(flat.shape, cfg.prior_nu, mu, cfg.prior_sigma, generator)
+    l_swd = sliced_wasserstein(flat, prior, proj) * (GRID * GRID)
+    recon = model.decode(z_true)
+    l_ae = F.mse_loss(recon, image)
+    total = cfg.w_ae * l_ae + cfg.w_swd * l_swd + cfg.w_jigsaw * l_jig
+    return {"total": total, "ae": l_ae, "swd": l_swd, "jigsaw": l_jig}
+
+
+def lr_at(cfg: PWAEConfig, progress: float) -> float:
+    return cfg.lr / (1 + 10 * progress) ** 0.75
+
+
+def fit(
+    config: PWAEConfig,
+    images: Sequence[torch.Tensor],
+    progress: Callable[[int], object] | None = None,
+    checkpoint: Path | None = None,
+    stop_after_epoch: int | None = None,
+) -> tuple[PWAE, dict[str, Any]]:
+    """Train on defect-free images; deterministic under ``config.seed`` on CPU.
+
+    With ``checkpoint``, the state is saved after every epoch and a run that
+    finds one resumes from it, giving the same model as an uninterrupted run.
+    """
+    torch.manual_seed(config.seed)
+    model = PWAE(config)
+    x_all = torch.stack(list(images))
+    feats_all: torch.Tensor | None = None
+    if config.freeze_encoder:
+        with torch.no_grad():
+            tiles = model.tiles(x_all)
+            feats_all = torch.cat(
+                [model.encoder(t.reshape(-1, 3, TILE, TILE)) for t in tiles.split(16)]
+            ).reshape(len(x_all), GRID * GRID, model.encoder.channels, model.cells, model.cells)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+    gen = torch.Generator().manual_seed(config.seed)
+    steps_per_epoch = max(1, len(x_all) // config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        history = state["history"]
+        start_epoch = state["epoch"]
+    model.train()
+    for epoch in range(start_epoch, config.epochs):
+        order = torch.randperm(len(x_all), generator=gen)
+        sums = {"total": 0.0, "ae": 0.0, "swd": 0.0, "jigsaw": 0.0}
+        for s in range(steps_per_epoch):
+            idx = order[s * config.batch_size : (s + 1) * config.batch_size]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(config, (epoch * steps_per_epoch + s) / total_steps)
+            perm_idx = torch.randint(config.permutations, (len(idx),), generator=gen)
+            feats = None if feats_all is None else feats_all[idx]
+            parts = losses(model, x_all[idx], feats, perm_idx, gen)
+            opt.zero_grad(set_to_none=True)
+            parts["total"].backward()
+            opt.step()
+            for key, value in parts.items():
+                sums[key] += value.item() / steps_per_epoch
+            if progress is not None:
+                progress(len(idx))
+        history.append({"epoch": epoch + 1, **sums})
+        if checkpoint is not None:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(),
+                    "history": history,
+                    "epoch": epoch + 1,
+                    "config": config.to_dict(),
+                },
+                checkpoint,
+            )
+        if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+            break
+    model.eval()
+    return model, {"history": history}
+
+
+def to_onnx(model: PWAE) -> bytes:
+    """The contract graph: image -> image_error, tile_errors, anomaly_map; dynamic batch."""
+    import io
+
+    model.eval()
+    buf = io.BytesIO()
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE),),
+        buf,  # type: ignore[arg-type]
+        input_names=["image"],
+        output_names=["image_error", "tile_errors", "anomaly_map"],
+        dynamic_axes={
+            "image": {0: "N"},
+            "image_error": {0: "N"},
+            "tile_errors": {0: "N"},
+            "anomaly_map": {0: "N"},
+        },
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    return buf.getvalue()
