@@ -1,0 +1,102 @@
+"""The model being served, and swapping it for a newer one without a gap.
+
+Requests read ``runtime.current`` once per batch, so a reload that replaces
+it mid-stream is atomic: every batch runs wholly on the old model or wholly on
+the new, and the new one is only put in place after it loaded, passed the
+artifact checks and ran a warm-up inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from service.artifact import ArtifactError, LoadedArtifact, load_artifact
+from service.contract import INPUT_NAME, OUTPUT_NAMES
+from service.logs import log
+from service.metrics import Metrics
+from service.settings import Settings
+
+logger = logging.getLogger("service.runtime")
+
+
+def warm_up(art: LoadedArtifact) -> None:
+    """One inference on a blank batch of two: proves the graph runs and fills caches."""
+    meta = art.metadata
+    x = np.zeros((2, 3, meta.input.height, meta.input.width), np.float32)
+    try:
+        outs = art.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+    except Exception as exc:  # onnxruntime's own exception types are not public
+        raise ArtifactError(art.path, f"warm-up inference failed: {exc}") from exc
+    if not all(np.isfinite(o).all() for o in outs):
+        raise ArtifactError(art.path, "warm-up inference gave NaN or infinite errors")
+
+
+def open_model(settings: Settings, model_dir: Path | None = None) -> LoadedArtifact:
+    art = load_artifact(
+        model_dir or settings.model_dir, settings.providers, settings.intra_op_threads
+    )
+    warm_up(art)
+    return art
+
+
+class ModelRuntime:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._current: LoadedArtifact | None = None
+        self._reload_lock = asyncio.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self._current is not None
+
+    @property
+    def current(self) -> LoadedArtifact:
+        if self._current is None:
+            raise RuntimeError("no model loaded yet")
+        return self._current
+
+    def _install(self, art: LoadedArtifact) -> None:
+        old = self._current
+        meta = art.metadata
+        if old is not None:
+            om = old.metadata
+            self.metrics.model_info.remove(
+                om.name, str(om.version), om.family, om.onnx_sha256, old.provider
+            )
+        self.metrics.model_info.labels(
+            meta.name, str(meta.version), meta.family, meta.onnx_sha256, art.provider
+        ).set(1)
+        self._current = art
+        log(
+            logger, logging.INFO, "model in service",
+            model=meta.name, version=meta.version, family=meta.family,
+            provider=art.provider, path=str(art.path), sha256=meta.onnx_sha256,
+        )  # fmt: skip
+
+    def load(self) -> LoadedArtifact:
+        art = open_model(self.settings)
+        self._install(art)
+        return art
+
+    async def reload(self) -> LoadedArtifact:
+        """Load the newest version, verify and warm it up, then swap it in.
+
+        On failure the model in service stays, the failure is counted, and
+        the ArtifactError goes to the caller.
+        """
+        async with self._reload_lock:
+            try:
+                art = await asyncio.to_thread(open_model, self.settings)
+            except ArtifactError as exc:
+                self.metrics.reloads.labels("failure").inc()
+                log(logger, logging.ERROR, "reload failed; previous model keeps serving",
+                    error=str(exc))  # fmt: skip
+                raise
+            self._install(art)
+            self.metrics.reloads.labels("success").inc()
+            return art
