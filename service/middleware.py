@@ -31,8 +31,9 @@ class BodyTimeout(Exception):
         super().__init__(f"the request body did not arrive within {seconds:g} s")
 
 
-async def _send_error(send: Send, status: int, reason: str, message: str) -> None:
-    body = json.dumps({"error": {"reason": reason, "message": message}}).encode()
+async def _send_error(scope: Scope, send: Send, status: int, reason: str, message: str) -> None:
+    rid = scope.get("state", {}).get("request_id")
+    body = json.dumps({"error": {"reason": reason, "message": message}, "request_id": rid}).encode()
     await send(
         {
             "type": "http.response.start",
@@ -67,7 +68,9 @@ class BodyLimits:
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
                 self.metrics.rejected.labels("payload_too_large").inc()
-                await _send_error(send, 413, "payload_too_large", str(BodyTooLarge(self.max_bytes)))
+                await _send_error(
+                    scope, send, 413, "payload_too_large", str(BodyTooLarge(self.max_bytes))
+                )
                 return
         deadline = time.monotonic() + self.read_timeout_s
         seen = 0

@@ -1,0 +1,50 @@
+"""A real server for integration tests: ``python -m service`` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.helpers.deploy import REPO, free_port, wait_ready
+
+
+@dataclass
+class Server:
+    base: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def run_server(model_dir: Path, log_dir: Path, **settings: str) -> Iterator[Server]:
+    """Start the server with INSPECTION_<KEY> settings; SIGTERM it on exit."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTION_")}
+    env.update({f"INSPECTION_{k.upper()}": v for k, v in settings.items()})
+    log = log_dir / f"server-{port}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service", "--port", str(port), "--model-dir", str(model_dir)],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc, timeout=60, log=log)
+        yield Server(base, proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
