@@ -246,12 +246,12 @@ def test_accepted_formats(server: Server, ext: str, img: np.ndarray, ctype: str)
 
 
 def test_oversized_body(models: Path, tmp_path: Path) -> None:
-    with run_server(models, tmp_path, max_body_bytes="100000") as s:
-        big = _encode(".png", np.random.default_rng(0).integers(0, 255, (400, 400, 3), np.uint8))
-        assert len(big) > 100_000
+    with run_server(models, tmp_path, max_body_bytes="250000") as s:
+        big = _encode(".png", np.random.default_rng(0).integers(0, 255, (500, 500, 3), np.uint8))
+        assert len(big) > 250_000 > len(_png())
         _error(_inspect(s.base, big), 413, "payload_too_large")
         # Chunked, with no Content-Length: refused while streaming.
-        r = httpx.post(f"{s.base}/v1/inspect", content=iter([big[:60_000], big[60_000:]]),
+        r = httpx.post(f"{s.base}/v1/inspect", content=iter([big[:200_000], big[200_000:]]),
                        headers={"content-type": "image/png"})  # fmt: skip
         assert r.status_code == 413
         assert _inspect(s.base, _png()).status_code == 200  # and the server goes on
