@@ -91,7 +91,8 @@ def time_model(path: Path, runs: int = 20, threads: int = 0) -> tuple[float, flo
 
 
 def report(paths: Sequence[Path], runs: int) -> str:
-    rows = []
+    rows: list[str] = []
+    details: list[str] = []
     for p in paths:
         version_dir = resolve_version_dir(p)
         ms, mb = time_model(version_dir, runs)
@@ -102,6 +103,11 @@ def report(paths: Sequence[Path], runs: int) -> str:
         rows.append(
             f"| {art_meta.family} | {art_meta.training_data.category} | {' | '.join(cells)} "
             f"| {n_test} | {_rule(art_meta)} | {ms:.0f} | {mb:.1f} | `{version_dir}` |"
+        )
+        info = ", ".join(f"{k}: {v}" for k, v in art_meta.model_info.items())
+        details.append(
+            f"* `{version_dir}` ({art_meta.family}, {art_meta.training_data.category}, "
+            f"{art_meta.training_data.train_images} training images): {info}"
         )
     head = "| family | category | " + " | ".join(METRIC_KEYS) + " | test good+defective "
     head += "| calibrated rule on test: FP/good, FN/defective "
@@ -121,6 +127,10 @@ def report(paths: Sequence[Path], runs: int) -> str:
             head,
             sep,
             *rows,
+            "",
+            "## The models in the table",
+            "",
+            *details,
             "",
             "## Published figures, for reference",
             "",
