@@ -1,0 +1,160 @@
+"""P-WAE's pieces: sliced-Wasserstein distance, Student-t prior, jigsaw
+permutations, backbones, and one training step end to end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model_export.backbones import ResNet50, resnet50
+from model_export.pwae import (
+    PAPER,
+    PWAE,
+    PWAEConfig,
+    fit,
+    losses,
+    lr_at,
+    permutation_set,
+    random_projections,
+    sample_student_t,
+    sliced_wasserstein,
+)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_swd_is_zero_for_identical_samples() -> None:
+    a = torch.randn(64, 10, generator=_gen())
+    p = random_projections(10, 32, _gen(1))
+    assert float(sliced_wasserstein(a, a.clone(), p)) == 0.0
+    # and for the same sample in another order: it compares distributions
+    assert float(sliced_wasserstein(a, a[torch.randperm(64, generator=_gen(2))], p)) < 1e-10
+
+
+def test_swd_grows_with_a_shift() -> None:
+    a = torch.randn(256, 8, generator=_gen())
+    p = random_projections(8, 64, _gen(1))
+    d = [float(sliced_wasserstein(a, a + s, p)) for s in (0.5, 1.0, 2.0)]
+    assert d[0] < d[1] < d[2]
+
+
+def test_swd_matches_the_closed_form_in_one_dimension() -> None:
+    # In 1-D the only directions are +-1, and W2^2 between a sample and the
+    # same sample shifted by c is exactly c^2.
+    a = torch.randn(100, 1, generator=_gen())
+    p = torch.ones(1, 1)
+    assert float(sliced_wasserstein(a, a + 3.0, p)) == pytest.approx(9.0, rel=1e-5)
+    # And between two sorted samples it is the mean squared difference of order statistics.
+    b = torch.randn(100, 1, generator=_gen(5))
+    expected = float(((a.sort(0).values - b.sort(0).values) ** 2).mean())
+    assert float(sliced_wasserstein(a, b, p)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_projections_are_unit_directions() -> None:
+    p = random_projections(20, 50, _gen())
+    np.testing.assert_allclose(p.norm(dim=0).numpy(), 1.0, rtol=1e-5)
+
+
+def test_student_t_moments() -> None:
+    nu, mu, sigma = 5.0, 3.0, 1.0
+    x = sample_student_t((200_000,), nu, mu, sigma, _gen())
+    assert float(x.mean()) == pytest.approx(mu, abs=0.02)
+    assert float(x.var()) == pytest.approx(sigma**2 * nu / (nu - 2), rel=0.05)  # 5/3
+    # heavier tails than a normal of the same variance
+    z = (x - mu) / x.std()
+    assert float((z.abs() > 3).float().mean()) > 0.0027
+
+
+def test_student_t_is_seeded() -> None:
+    a = sample_student_t((1000,), 5.0, 0.0, 1.0, _gen(7))
+    b = sample_student_t((1000,), 5.0, 0.0, 1.0, _gen(7))
+    assert torch.equal(a, b)
+
+
+def test_permutation_set() -> None:
+    perms = permutation_set(1000, seed=0)
+    assert perms.shape == (1000, 9)
+    assert (perms[0] == np.arange(9)).all()  # the test-time order
+    assert len({tuple(p) for p in perms}) == 1000  # unique
+    assert all(sorted(p) == list(range(9)) for p in perms)  # permutations
+    d = (perms[:, None, :] != perms[None, :, :]).sum(-1)
+    off = d[~np.eye(1000, dtype=bool)]
+    assert off.min() >= 5 and off.mean() > 7.9  # large Hamming distances
+    assert (permutation_set(1000, seed=0) == perms).all()  # seeded
+
+
+def test_learning_rate_schedule() -> None:
+    assert lr_at(PAPER, 0.0) == 0.01
+    assert lr_at(PAPER, 1.0) == pytest.approx(0.01 / 11**0.75)
+
+
+def test_paper_preset_is_pixel_error() -> None:
+    assert PAPER.error_space == "pixel" and PAPER.w_perceptual == 0
+    assert (PAPER.prior_nu, PAPER.prior_sigma, PAPER.lr, PAPER.momentum) == (5.0, 1.0, 0.01, 0.9)
+
+
+@pytest.mark.parametrize("error_space", ["pixel", "feature"])
+def test_a_training_step_has_finite_losses_and_gradients(error_space: str) -> None:
+    torch.manual_seed(0)
+    cfg = PWAEConfig(permutations=24, error_space=error_space, w_perceptual=1.0)  # type: ignore[arg-type]
+    model = PWAE(cfg).train()
+    x = torch.randn(2, 3, 300, 300, generator=_gen())
+    parts = losses(model, x, None, torch.tensor([0, 5]), _gen())
+    assert all(torch.isfinite(v) for v in parts.values())
+    parts["total"].backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in model.encoder.parameters())  # frozen
+    model.eval()
+    with torch.no_grad():
+        e0, tiles, amap = model(x)
+    assert e0.shape == (2,) and tiles.shape == (2, 9) and amap.shape == (2, 300, 300)
+    assert torch.isfinite(amap).all() and (amap >= 0).all()
+
+
+def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path: Path) -> None:
+    images = [torch.randn(3, 300, 300, generator=_gen(i)) for i in range(4)]
+    cfg = PWAEConfig(permutations=24, epochs=3, batch_size=2)
+    whole, _ = fit(cfg, images)
+    ckpt = tmp_path / "state.pt"
+    fit(cfg, images, checkpoint=ckpt, stop_after_epoch=1)  # "killed" after epoch 1
+    resumed, log = fit(cfg, images, checkpoint=ckpt)
+    assert [h["epoch"] for h in log["history"]] == [1, 2, 3]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="another config"):
+        fit(cfg.model_copy(update={"epochs": 4}), images, checkpoint=ckpt)
+
+
+def test_resnet50_loads_a_torchvision_style_state_dict(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    state = ResNet50().state_dict()
+    assert "layer1.0.downsample.0.weight" in state and "fc.weight" in state  # torchvision names
+    path = tmp_path / "resnet50.pth"
+    torch.save(state, path)
+    enc = resnet50(path, stride=16).eval()
+    with torch.no_grad():
+        out = enc(torch.randn(1, 3, 100, 100))
+    assert out.shape == (1, 1024, 7, 7) and enc.channels == 1024
+    torch.save({"conv1.weight": state["conv1.weight"]}, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match="not a torchvision ResNet-50"):
+        resnet50(tmp_path / "partial.pth")
+    with pytest.raises(FileNotFoundError, match="supply torchvision's file"):
+        resnet50(tmp_path / "missing.pth")
+
+
+def test_pwae_on_resnet50(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    torch.save(ResNet50().state_dict(), tmp_path / "r50.pth")
+    cfg = PWAEConfig(
+        backbone="resnet50", backbone_weights=str(tmp_path / "r50.pth"), permutations=24
+    )
+    model = PWAE(cfg).eval()
+    with torch.no_grad():
+        e0, tiles, _ = model(torch.randn(1, 3, 300, 300))
+    assert torch.isfinite(e0).all() and tiles.shape == (1, 9)
