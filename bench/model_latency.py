@@ -6,8 +6,10 @@ For every model version given (the newest under each directory), runs the
 graph on batches of 1, 2, 4, 8, 16 and 32 random normalised images with the
 execution provider the server would pick (CUDA first, CPU here), and prints
 ms per batch, ms per image and images per second. With ``--torch`` it also
-times the family's torch module in eager mode with the same weights, rebuilt
-by ``model_export.families.torch_module_for`` (trainer install only).
+times the family's torch module in eager mode with the same weights, from the
+training checkpoint the artifact was exported from (trainer install only):
+
+    python -m bench.model_latency models/bottle-pwae --torch runs/bottle-pwae/checkpoint.pt
 """
 
 from __future__ import annotations
@@ -55,18 +57,18 @@ def measure_ort(
 
 
 def measure_torch(
-    model_dir: Path, batch_sizes: tuple[int, ...], budget_s: float, threads: int
+    checkpoint: Path, batch_sizes: tuple[int, ...], budget_s: float, threads: int
 ) -> dict[str, Any]:
     import torch
-    from model_export.families import torch_module_for  # trainer install only
+
+    from model_export.families import load_checkpoint  # trainer install only
 
     torch.set_num_threads(threads or torch.get_num_threads())
-    module, meta = torch_module_for(model_dir)
-    module.eval()
+    family, _, module, _ = load_checkpoint(checkpoint)
     rows = []
     with torch.inference_mode():
         for b in batch_sizes:
-            x = torch.randn(b, 3, meta.input.height, meta.input.width)
+            x = torch.randn(b, 3, 300, 300)
             t = repeat(lambda x=x: module(x), budget_s=budget_s)
             rows.append(
                 {
@@ -77,8 +79,8 @@ def measure_torch(
                 }
             )
     return {
-        "model": f"{meta.name}/{meta.version}",
-        "family": meta.family,
+        "model": str(checkpoint),
+        "family": family.name,
         "provider": "cpu",
         "runtime": "torch-eager",
         "rows": rows,
@@ -91,15 +93,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-sizes", default=",".join(map(str, BATCH_SIZES)))
     ap.add_argument("--budget-s", type=float, default=3.0, help="time per batch size")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads, 0 = all cores")
-    ap.add_argument("--torch", action="store_true", help="also time torch eager")
+    ap.add_argument(
+        "--torch",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="CHECKPOINT",
+        help="also time torch eager from this training checkpoint (repeatable)",
+    )
     ap.add_argument("--out", default="model_latency")
     args = ap.parse_args(argv)
     sizes = tuple(int(s) for s in args.batch_sizes.split(","))
     results = []
     for d in args.model_dirs:
         results.append(measure_ort(d, sizes, args.budget_s, args.threads))
-        if args.torch:
-            results.append(measure_torch(d, sizes, args.budget_s, args.threads))
+    for ckpt in args.torch:
+        results.append(measure_torch(ckpt, sizes, args.budget_s, args.threads))
     table = [
         [
             r["model"],
