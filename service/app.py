@@ -195,6 +195,7 @@ async def _image_bytes(request: Request) -> bytes:
         return await upload.read()
     if ctype in RAW_TYPES:
         return await request.body()
+    request.app.state.metrics.rejected.labels("unsupported_media_type").inc()
     raise ApiError(
         415,
         "unsupported_media_type",
@@ -353,6 +354,7 @@ async def inspect_batch(
     """One result per file, in order; a bad image fails only its own entry."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
+        metrics.rejected.labels("unsupported_media_type").inc()
         raise ApiError(415, "unsupported_media_type", "send the images as multipart/form-data")
     form = await request.form(
         max_files=settings.max_batch_files, max_part_size=settings.max_body_bytes
