@@ -231,6 +231,7 @@ def write_artifact(version_dir: Path | str, model_onnx: bytes, metadata: ModelMe
     metadata = metadata.model_copy(update={"onnx_sha256": hashlib.sha256(model_onnx).hexdigest()})
     ModelMetadata.model_validate(metadata.model_dump())  # re-check after the update
     tmp = Path(tempfile.mkdtemp(prefix=f".{version_dir.name}-", dir=version_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would hide the version from a server running as another user
     try:
         (tmp / MODEL_FILE).write_bytes(model_onnx)
         (tmp / METADATA_FILE).write_text(metadata.model_dump_json(indent=2) + "\n", "utf-8")

@@ -93,7 +93,8 @@ def test_learning_rate_schedule() -> None:
     assert lr_at(PAPER, 1.0) == pytest.approx(0.01 / 11**0.75)
 
 
-def test_paper_preset_is_pixel_error() -> None:
+def test_paper_preset_is_the_default_and_pixel_error() -> None:
+    assert PWAEConfig() == PAPER
     assert PAPER.error_space == "pixel" and PAPER.w_perceptual == 0
     assert (PAPER.prior_nu, PAPER.prior_sigma, PAPER.lr, PAPER.momentum) == (5.0, 1.0, 0.01, 0.9)
 
