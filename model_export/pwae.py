@@ -94,8 +94,8 @@ class PWAEConfig(BaseModel):
     # the module docstring), kept as an option.
     error_space: Literal["pixel", "feature"] = "pixel"
     # The same feature-space term as a training loss. Off by default: back-
-    # propagating through the feature network at 300x300 made an epoch ~30x
-    # slower on the 2-core CPU (1.2 against 41 images/s).
+    # propagating through the feature network at 300x300 is an order of
+    # magnitude slower on a 2-core CPU (docs/pwae-experiments.md).
     w_perceptual: float = Field(0.0, ge=0)
     seed: int = 0
 
