@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 
 from service import logs
 from service.artifact import ArtifactError
@@ -504,6 +505,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def on_timeout(request: Request, exc: BodyTimeout) -> JSONResponse:
         metrics.rejected.labels("read_timeout").inc()
         return _error(408, "read_timeout", str(exc), request, {"Connection": "close"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_disconnect(request: Request, exc: ClientDisconnect) -> Response:
+        # The client hung up mid-upload: nothing to answer, nothing to alarm.
+        metrics.rejected.labels("client_disconnected").inc()
+        logs.log(logger, logging.INFO, "client disconnected before the body arrived")
+        return Response(status_code=499)  # nginx's "client closed request", for the metrics
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -42,8 +42,14 @@ def colour_distance_model(
         OUTPUT_TILE_ERRORS,
         OUTPUT_ANOMALY_MAP,
     ),
+    fail_above: float | None = None,
 ) -> bytes:
-    """A contract-shaped graph with a dynamic batch axis; returns serialized ONNX."""
+    """A contract-shaped graph with a dynamic batch axis; returns serialized ONNX.
+
+    With ``fail_above``, onnxruntime raises at run time (a Gather out of
+    bounds) on any batch whose largest input value exceeds it: a real
+    inference error for the fault tests, reachable with a white image.
+    """
     th, tw = size // rows, size // cols
     img_err, tile_err, amap = output_names
     ref = numpy_helper.from_array(np.array(reference, np.float32).reshape(1, 3, 1, 1), "ref")
@@ -52,9 +58,28 @@ def colour_distance_model(
     axes1 = numpy_helper.from_array(np.array([1], np.int64), "axes1")
     axes2 = numpy_helper.from_array(np.array([2], np.int64), "axes2")
     axes12 = numpy_helper.from_array(np.array([1, 2], np.int64), "axes12")
+    guard: list[onnx.NodeProto] = []
+    extra: list[onnx.TensorProto] = []
+    diff = "diff"
+    if fail_above is not None:
+        extra = [
+            numpy_helper.from_array(np.array(fail_above, np.float32), "limit"),
+            numpy_helper.from_array(np.array(1000, np.int64), "far"),
+            numpy_helper.from_array(np.array([1.0], np.float32), "one"),
+        ]
+        guard = [
+            helper.make_node("ReduceMax", [INPUT_NAME], ["mx"], keepdims=0),
+            helper.make_node("Greater", ["mx", "limit"], ["over"]),
+            helper.make_node("Cast", ["over"], ["over_i"], to=TensorProto.INT64),
+            helper.make_node("Mul", ["over_i", "far"], ["index"]),
+            helper.make_node("Gather", ["one", "index"], ["unit"]),
+            helper.make_node("Mul", ["diff", "unit"], ["diff_g"]),
+        ]
+        diff = "diff_g"
     nodes = [
         helper.make_node("Sub", [INPUT_NAME, "ref"], ["diff"]),
-        helper.make_node("Mul", ["diff", "diff"], ["sq"]),
+        *guard,
+        helper.make_node("Mul", [diff, diff], ["sq"]),
         helper.make_node("ReduceMean", ["sq", "axes1"], [amap], keepdims=0),
         helper.make_node("ReduceMean", [amap, "axes12"], [img_err], keepdims=0),
         helper.make_node("Reshape", [amap, "shape5"], ["t5"]),
@@ -71,7 +96,7 @@ def colour_distance_model(
             helper.make_tensor_value_info(tile_err, TensorProto.FLOAT, ["N", rows * cols]),
             helper.make_tensor_value_info(amap, TensorProto.FLOAT, ["N", size, size]),
         ],
-        initializer=[ref, shape5, shape3, axes1, axes2, axes12],
+        initializer=[ref, shape5, shape3, axes1, axes2, axes12, *extra],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = 8
@@ -111,9 +136,11 @@ def metadata_for(
     )
 
 
-def write_toy_artifact(root: Path, name: str = "toy", version: int = 1, **kw: object) -> Path:
+def write_toy_artifact(
+    root: Path, name: str = "toy", version: int = 1, fail_above: float | None = None, **kw: object
+) -> Path:
     """models/<name>/<version>/ under ``root`` with the colour-distance graph."""
-    model = colour_distance_model()
+    model = colour_distance_model(fail_above=fail_above)
     return write_artifact(
         root / name / str(version), model, metadata_for(model, name, version, **kw)
     )  # type: ignore[arg-type]
