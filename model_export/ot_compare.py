@@ -120,7 +120,8 @@ def report(paths: Sequence[Path], runs: int) -> str:
             "",
             f"Generated {now} by `python -m model_export.ot_compare` on "
             f"{platform.machine()} with {_cpus()} CPU cores (onnxruntime CPU provider; "
-            f"median of {runs} batch-1 runs after warm-up). Quality figures are the "
+            f"median of {runs} batch-1 runs after warm-up; 1-minute load average "
+            f"{_load():.1f} when timing started). Quality figures are the "
             "artifacts' own evaluation on each category's test split; thresholds and "
             "hyper-parameters were never fitted on test images.",
             "",
@@ -140,6 +141,12 @@ def report(paths: Sequence[Path], runs: int) -> str:
     )
 
 
+def _load() -> float:
+    import os
+
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def _cpus() -> int:
     import os
 
@@ -155,8 +162,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="Markdown file to write")
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--notes", type=Path, help="Markdown appended after the tables")
+    ap.add_argument(
+        "--missing",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a model the table should have but does not (yet), and why; repeatable",
+    )
     args = ap.parse_args(argv)
     text = report(args.artifacts, args.runs)
+    if args.missing:
+        text += "\n## Not in the table\n\n" + "".join(f"* {m}\n" for m in args.missing)
     if args.notes:
         text += "\n" + args.notes.read_text()
     args.out.parent.mkdir(parents=True, exist_ok=True)
