@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -422,6 +423,9 @@ def fit(
                 progress(len(idx))
         history.append({"epoch": epoch + 1, **sums})
         if checkpoint is not None:
+            # Written aside and renamed: a run killed mid-save leaves the
+            # previous epoch's state whole, never a torn file.
+            partial = checkpoint.with_suffix(".partial")
             torch.save(
                 {
                     "model": model.state_dict(),
@@ -431,8 +435,9 @@ def fit(
                     "epoch": epoch + 1,
                     "config": config.to_dict(),
                 },
-                checkpoint,
+                partial,
             )
+            os.replace(partial, checkpoint)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break
     model.eval()
