@@ -36,9 +36,9 @@ def test_killed_and_resumed_training_equals_an_uninterrupted_run(tmp_path: Path)
     state = cut / "train_state.pt"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        if state.is_file():
-            if torch.load(state, weights_only=False)["epoch"] >= 1:  # renamed into place whole
-                break
+        # The state is renamed into place whole, so a file seen is complete.
+        if state.is_file() and torch.load(state, weights_only=False)["epoch"] >= 1:
+            break
         time.sleep(0.2)
     proc.kill()
     proc.wait()
