@@ -101,6 +101,21 @@ def main() -> None:
                 f"{r['total_p50_ms']:.1f} |"
             )
         lines.append("")
+    soak = _load("soak")
+    if soak:
+        rss = soak["rss_mb"]
+        lines += [
+            "## Sustained load",
+            "",
+            f"`python -m bench.soak models/bottle-pwae --seconds {soak['seconds']:.0f}` on "
+            f"{_machine(soak['machine'])}: requests offered open-loop at "
+            f"{soak['offered_per_s']:.1f}/s, 80% of the {soak['peak_throughput_per_s']:.1f}/s "
+            f"measured with 16 clients. p50 {soak['p50_ms']:.1f} ms, p99 {soak['p99_ms']:.1f} ms "
+            f"(p99 / p50 = {soak['p99_over_p50']:.2f}); status codes {soak['status_codes']}; "
+            f"server RSS {rss[1][1] if len(rss) > 1 else rss[0][1]:.0f} MB after warm-up, "
+            f"{rss[-1][1]:.0f} MB at the end ({100 * soak['rss_growth']:+.1f}%).",
+            "",
+        ]
     lines += [
         "No GPU was lent to this work, so the CUDA provider's figures are not measured",
         "here; `bench.model_latency` measures it as is on a machine whose onnxruntime",
