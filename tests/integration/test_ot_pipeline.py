@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from model_export import cli
-from model_export.data import load_tensor, split_train, test_set
+from model_export.data import load_tensor, split_train
+from model_export.data import test_set as load_test_set  # not collected as a test
 from model_export.evaluation import evaluate_scores, score
 from model_export.ot_prototypes import MemberConfig, OTPrototypesConfig, fit
 from service.artifact import load_artifact
@@ -87,7 +88,7 @@ def test_bottle_floor() -> None:
     fit_paths, _ = split_train(bottle, holdout_fraction=0.8, seed=0)
     config = OTPrototypesConfig(members=(MemberConfig("s16", 0.0, 4),))
     model, _ = fit(config, [load_tensor(p) for p in fit_paths])
-    items = test_set(bottle)
+    items = load_test_set(bottle)
     errors, maps = score(model, [p for p, _, _ in items])
     labels = np.array([y for _, y, _ in items])
     masks = np.stack([m for _, _, m in items])
