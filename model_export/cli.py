@@ -15,7 +15,7 @@ Stages (each reads what the previous one wrote under --work):
   -> ``evaluation.json``, ``per_image.json``, ``summary.md`` and PNG plots.
 * ``export``: models/<name>/<version>/ per the contract (service.artifact),
   then onnxruntime's outputs are compared with torch's on held-out images.
-* ``run``: all four.
+* ``run``: all four (export only where ``--export`` is given).
 """
 
 from __future__ import annotations
@@ -245,10 +245,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         calibrate(args.work, args.target_fpr)
     if args.stage in ("evaluate", "run"):
         evaluate(args.work)
-    if args.stage in ("export", "run"):
-        if args.out is None:
-            ap.error("--export models/<name>/<version> is needed to export")
+    if args.stage == "export" and args.out is None:
+        ap.error("--export models/<name>/<version> is needed to export")
+    if args.out is not None and args.stage in ("export", "run"):
         export(args.work, args.out)
+    elif args.stage == "run":
+        print("no --export given: trained, calibrated and evaluated; nothing exported")
 
 
 if __name__ == "__main__":

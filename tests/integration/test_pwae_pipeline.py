@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from model_export import cli
+from model_export.data import split_train
 from service.artifact import load_artifact
 from service.preprocessing import prepare
 from tests.helpers.synthetic import write_category
@@ -63,7 +64,9 @@ def test_synthetic_end_to_end_through_the_artifact_loader(synthetic: Path, tmp_p
     art = load_artifact(out.parent)
     meta = art.metadata
     assert meta.family == "pwae" and meta.version == 1
-    assert meta.calibration.target_fpr == 0.01 and meta.calibration.holdout_images == 3
+    _, held_out = split_train(synthetic, 0.2, 0)  # the CLI's default fraction and seed
+    assert meta.calibration.target_fpr == 0.01 and meta.calibration.holdout_images == len(held_out)
+    assert len(held_out) >= 2
     assert meta.evaluation is not None and meta.evaluation.defective_images == 6
     per_image = json.loads((out / "evaluation.json").read_text())
     assert len(per_image) == 10
