@@ -206,17 +206,23 @@ async def _image_bytes(request: Request) -> bytes:
 
 
 async def _score(
-    data: bytes, runtime: ModelRuntime, batcher: Batcher
+    data: bytes, runtime: ModelRuntime, batcher: Batcher, metrics: Metrics
 ) -> tuple[PreparedImage, Scored, float]:
-    """Decode (in a thread), then queue for the next batch. Returns (image, scores, decode s)."""
+    """Decode (in a thread), then queue for the next batch. Returns (image, scores, decode s).
+
+    Refusals and inference failures come out as ApiError, counted.
+    """
     meta = runtime.current.metadata
     max_pixels = batcher.runtime.settings.max_pixels
-    with batcher.expecting():
-        t0 = time.perf_counter()
-        prepared = await asyncio.to_thread(prepare, data, meta.input, meta.grid, max_pixels)
-        decode_s = time.perf_counter() - t0
-        future = batcher.enqueue(prepared.tensor)
-    return prepared, await future, decode_s
+    try:
+        with batcher.expecting():
+            t0 = time.perf_counter()
+            prepared = await asyncio.to_thread(prepare, data, meta.input, meta.grid, max_pixels)
+            decode_s = time.perf_counter() - t0
+            future = batcher.enqueue(prepared.tensor)
+        return prepared, await future, decode_s
+    except (InputRejected, QueueFull, InferenceFailed) as exc:
+        raise _to_api_error(exc, metrics) from exc
 
 
 def _respond(
@@ -304,10 +310,7 @@ async def inspect(
 ) -> InspectResponse:
     """Verdict, whole-image and per-tile errors against their thresholds, timings."""
     data = await _image_bytes(request)
-    try:
-        prepared, scored, decode_s = await _score(data, runtime, batcher)
-    except (InputRejected, QueueFull, InferenceFailed) as exc:
-        raise _to_api_error(exc, metrics) from exc
+    prepared, scored, decode_s = await _score(data, runtime, batcher, metrics)
     body, _ = _respond(request, prepared, scored, decode_s, heatmap, metrics)
     return body
 
@@ -324,10 +327,7 @@ async def inspect_heatmap(
 ) -> Response:
     """The anomaly map in colour over the part, tile grid drawn, defective tiles in red."""
     data = await _image_bytes(request)
-    try:
-        prepared, scored, decode_s = await _score(data, runtime, batcher)
-    except (InputRejected, QueueFull, InferenceFailed) as exc:
-        raise _to_api_error(exc, metrics) from exc
+    prepared, scored, decode_s = await _score(data, runtime, batcher, metrics)
     _, d = _respond(request, prepared, scored, decode_s, False, metrics)
     return Response(
         to_png(_overlay(prepared, scored, d)),
@@ -368,9 +368,8 @@ async def inspect_batch(
 
     async def one(i: int, name: str | None, data: bytes) -> BatchItem:
         try:
-            prepared, scored, decode_s = await _score(data, runtime, batcher)
-        except (InputRejected, QueueFull, InferenceFailed) as exc:
-            err = _to_api_error(exc, metrics)
+            prepared, scored, decode_s = await _score(data, runtime, batcher, metrics)
+        except ApiError as err:
             return BatchItem(
                 index=i, filename=name, error=ErrorDetail(reason=err.reason, message=err.message)
             )
