@@ -138,8 +138,10 @@ class Batcher:
             labels = (art.metadata.name, str(art.metadata.version))
             self.metrics.queue_depth.labels(*labels).set(self.queue.qsize())
             started = time.perf_counter()
-            x = np.stack([j.tensor for j in batch])
             try:
+                # Inside the try: images prepared for a model that a reload
+                # has since replaced may not stack; they fail, the loop lives.
+                x = np.stack([j.tensor for j in batch])
                 outs = await loop.run_in_executor(
                     self._executor, art.session.run, list(OUTPUT_NAMES), {INPUT_NAME: x}
                 )
