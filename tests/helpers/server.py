@@ -25,15 +25,21 @@ class Server:
 
 
 @contextlib.contextmanager
-def run_server(model_dir: Path, log_dir: Path, **settings: str) -> Iterator[Server]:
-    """Start the server with INSPECTION_<KEY> settings; SIGTERM it on exit."""
+def run_server(model_dir: Path | None, log_dir: Path, **settings: str) -> Iterator[Server]:
+    """Start the server with INSPECTION_<KEY> settings; SIGTERM it on exit.
+
+    ``model_dir=None`` passes no --model-dir: the server picks its default model.
+    """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTION_")}
     env.update({f"INSPECTION_{k.upper()}": v for k, v in settings.items()})
     log = log_dir / f"server-{port}.log"
     with log.open("wb") as out:
+        args = [sys.executable, "-m", "service", "--port", str(port)]
+        if model_dir is not None:
+            args += ["--model-dir", str(model_dir)]
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "--port", str(port), "--model-dir", str(model_dir)],
+            args,
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
