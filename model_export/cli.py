@@ -9,11 +9,14 @@ Stages (each reads what the previous one wrote under --work):
   family is fitted on the rest -> ``checkpoint.pt``. P-WAE also keeps
   ``train_state.pt`` after every epoch and resumes from it.
 * ``calibrate``: e0..e9 on the held-out defect-free images -> eps0..eps9 for a
-  target false-positive rate of the whole rule -> ``calibration.json``.
+  target false-positive rate of the whole rule, and the validation figures of
+  those images with synthetic defects (model_export/validation.py), the
+  figure configurations are chosen by -> ``calibration.json``.
 * ``evaluate``: test/ -> image AUROC and max balanced accuracy of
   max_k(ek/epsk), AUROC of e0, confusion matrix of the rule, pixel AUROC, PRO
   -> ``evaluation.json``, ``per_image.json``, ``summary.md`` and PNG plots.
-* ``export``: models/<name>/<version>/ per the contract (service.artifact),
+* ``export``: models/<name>/<version>/ per the contract (service.artifact;
+  given models/<name>, the next free version),
   then onnxruntime's outputs are compared with torch's on held-out images.
 * ``run``: all four (export only where ``--export`` is given).
 """
@@ -36,6 +39,8 @@ from model_export.data import fingerprint, load_tensor, split_train, test_set
 from model_export.evaluation import evaluate_scores, score
 from model_export.families import get_family, load_checkpoint
 from model_export.report import write_plots, write_summary
+from model_export.validation import synthetic_validation
+from service.artifact import next_version, write_artifact
 from service.contract import (
     Calibration,
     Evaluation,
@@ -102,6 +107,7 @@ def calibrate(work: Path, target_fpr: float) -> None:
     hold = [data / "train" / "good" / n for n in ckpt["holdout"]]
     errors, _ = score(model, hold)
     eps, achieved = calibrate_thresholds(errors, target_fpr)
+    validation = synthetic_validation(model, hold, errors, eps, seed=ckpt["split_seed"])
     _save(
         work,
         "calibration.json",
@@ -111,14 +117,21 @@ def calibrate(work: Path, target_fpr: float) -> None:
             "achieved_fpr": achieved,
             "holdout_images": len(hold),
             "eps": eps.tolist(),
+            "validation": validation,
         },
     )
     print(f"eps0={eps[0]:.4g}, tiles {np.round(eps[1:], 4).tolist()}, held-out FPR {achieved:.3f}")
+    print(
+        f"validation (held-out images with synthetic defects, no test image): "
+        f"AUROC {validation['synthetic_auroc']:.3f}, "
+        f"detected {validation['synthetic_detected']:.2f}"
+    )
 
 
 def evaluate(work: Path) -> dict[str, float]:
     _, _, model, ckpt = load_checkpoint(work / CHECKPOINT)
-    eps = np.asarray(_load(work, "calibration.json")["eps"])
+    cal = _load(work, "calibration.json")
+    eps = np.asarray(cal["eps"])
     data = Path(ckpt["data"])
     items = test_set(data)
     errors, maps = score(model, [p for p, _, _ in items])
@@ -141,15 +154,13 @@ def evaluate(work: Path) -> dict[str, float]:
     _save(work, "evaluation.json", metrics)
     _save(work, "per_image.json", per_image)
     write_plots(work, items, errors, maps, eps, labels)
-    write_summary(work, ckpt, metrics)
+    write_summary(work, ckpt, metrics, cal.get("validation"))
     print(json.dumps(metrics, indent=2))
     return metrics
 
 
 def export(work: Path, out: Path, name: str | None = None) -> float:
     import onnxruntime as ort
-
-    from service.artifact import write_artifact
 
     family, cfg, model, ckpt = load_checkpoint(work / CHECKPOINT)
     cal = _load(work, "calibration.json")
@@ -192,6 +203,7 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
         onnx_sha256="0" * 64,
         model_info={
             **family.describe(cfg),
+            **{f"validation_{k}": round(v, 4) for k, v in cal.get("validation", {}).items()},
             "train_seconds": round(float(ckpt["train_seconds"]), 1),
         },
     )
@@ -214,13 +226,26 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
     return diff
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def version_dir(out: Path) -> Path:
+    """``out`` if it names a version, else the next free version under it."""
+    return out if out.name.isdigit() else out / str(next_version(out))
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="inspection-train", description=__doc__.split("\n")[0])
     ap.add_argument("stage", choices=["train", "calibrate", "evaluate", "export", "run"])
     ap.add_argument("--family", default="pwae", choices=["pwae", "ot_prototypes"])
     ap.add_argument("--data", type=Path, help="category directory in MVTec AD layout")
     ap.add_argument("--work", type=Path, required=True, help="checkpoint and reports go here")
-    ap.add_argument("--export", dest="out", type=Path, help="models/<name>/<version>")
+    ap.add_argument(
+        "--export",
+        dest="out",
+        type=Path,
+        help="models/<name>/<version>, or models/<name> for its next free version",
+    )
+    ap.add_argument(
+        "--preset", help="a named config of the family to start from, e.g. pwae's 'paper'"
+    )
     ap.add_argument("--config", type=Path, help="JSON of the family's config fields")
     ap.add_argument(
         "--set",
@@ -232,11 +257,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--holdout", type=float, default=0.2, help="fraction of train/good held out")
     ap.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")
     ap.add_argument("--target-fpr", type=float, default=0.01)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = parser()
     args = ap.parse_args(argv)
     if args.stage in ("train", "run"):
         if args.data is None:
             ap.error("--data is needed to train")
-        config = json.loads(args.config.read_text()) if args.config else {}
+        config: dict[str, Any] = {}
+        if args.preset is not None:
+            presets = get_family(args.family).presets
+            if args.preset not in presets:
+                ap.error(f"--preset: {args.family} has {sorted(presets) or 'none'}")
+            config.update(presets[args.preset])
+        if args.config is not None:
+            config.update(json.loads(args.config.read_text()))
         for item in args.set:
             key, _, value = item.partition("=")
             config[key] = json.loads(value)
@@ -248,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.stage == "export" and args.out is None:
         ap.error("--export models/<name>/<version> is needed to export")
     if args.out is not None and args.stage in ("export", "run"):
-        export(args.work, args.out)
+        export(args.work, version_dir(args.out))
     elif args.stage == "run":
         print("no --export given: trained, calibrated and evaluated; nothing exported")
 

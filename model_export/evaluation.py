@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import cv2
@@ -13,12 +13,32 @@ from torch import nn
 from model_export.data import load_tensor
 
 
-@torch.no_grad()
 def score(model: nn.Module, paths: Sequence[Path], batch: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 10) errors e0..e9 and (N, 300, 300) maps."""
+    """(N, 10) errors e0..e9 and (N, 300, 300) maps of the images at ``paths``."""
+    return _score_batches(
+        model,
+        (
+            torch.stack([load_tensor(p) for p in paths[i : i + batch]])
+            for i in range(0, len(paths), batch)
+        ),
+    )
+
+
+def score_tensors(
+    model: nn.Module, images: Sequence[torch.Tensor], batch: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    """As :func:`score`, for images already prepared as (3, 300, 300) tensors."""
+    return _score_batches(
+        model, (torch.stack(list(images[i : i + batch])) for i in range(0, len(images), batch))
+    )
+
+
+@torch.no_grad()
+def _score_batches(
+    model: nn.Module, batches: Iterable[torch.Tensor]
+) -> tuple[np.ndarray, np.ndarray]:
     errs, maps = [], []
-    for i in range(0, len(paths), batch):
-        x = torch.stack([load_tensor(p) for p in paths[i : i + batch]])
+    for x in batches:
         e0, tiles, amap = model(x)
         errs.append(torch.cat([e0[:, None], tiles], 1).numpy())
         maps.append(amap.numpy())

@@ -10,7 +10,7 @@ that interface only, so a new family is one entry here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ class Family:
     opset: int
     describe: Callable[[Any], dict[str, str | int | float | bool]]
     resumable: bool  # fit takes a checkpoint path and resumes from it
+    # Named configurations (``--preset``), e.g. the paper's own recipe.
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _pwae() -> Family:
@@ -44,6 +46,9 @@ def _pwae() -> Family:
             "prior": f"T(nu={cfg.prior_nu}, mu=k*{cfg.prior_mu_step}, sigma={cfg.prior_sigma})",
             "permutations": cfg.permutations,
             "epochs": cfg.epochs,
+            "swd_on": cfg.swd_on,
+            "error_normalisation": cfg.error_normalisation,
+            "tile_error": cfg.tile_error,
             "error_sigma": cfg.error_sigma,
         }
 
@@ -56,6 +61,7 @@ def _pwae() -> Family:
         opset=pwae.OPSET,
         describe=describe,
         resumable=True,
+        presets={"paper": pwae.PAPER.to_dict(), "feature_error": pwae.FEATURE_ERROR.to_dict()},
     )
 
 

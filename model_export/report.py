@@ -77,7 +77,21 @@ def write_plots(
     cv2.imwrite(str(work / "heatmaps.png"), np.hstack(cols))
 
 
-def write_summary(work: Path, ckpt: dict[str, Any], metrics: dict[str, float]) -> None:
+def _validation_line(v: dict[str, float]) -> str:
+    return (
+        f"Validation, the figure configurations are chosen by: {v['synthetic_images']:.0f} "
+        f"held-out defect-free images with synthetic defects against the same images "
+        f"without (no test image): AUROC {v['synthetic_auroc']:.3f}; the calibrated rule "
+        f"detects {v['synthetic_detected']:.2f} of them."
+    )
+
+
+def write_summary(
+    work: Path,
+    ckpt: dict[str, Any],
+    metrics: dict[str, float],
+    validation: dict[str, float] | None = None,
+) -> None:
     m = metrics
     lines = [
         f"# {ckpt['family']} on {Path(ckpt['data']).name}",
@@ -95,6 +109,7 @@ def write_summary(work: Path, ckpt: dict[str, Any], metrics: dict[str, float]) -
         "| calibrated rule: TP / FP / TN / FN | "
         f"{m['tp']:.0f} / {m['fp']:.0f} / {m['tn']:.0f} / {m['fn']:.0f} |",
         "",
+        *([] if validation is None else [_validation_line(validation), ""]),
         f"For reference: {PAPER.get(ckpt['family'], '')}.",
         "",
         "![ROC](roc.png) ![scores](scores.png)",

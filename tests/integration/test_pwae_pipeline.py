@@ -13,6 +13,7 @@ import torch
 
 from model_export import cli
 from model_export.data import split_train
+from model_export.pwae import PAPER
 from service.artifact import load_artifact
 from service.preprocessing import prepare
 from tests.helpers.synthetic import write_category
@@ -78,6 +79,9 @@ def test_synthetic_end_to_end_through_the_artifact_loader(synthetic: Path, tmp_p
     assert float(e0[0]) == pytest.approx(first["e0"], rel=1e-3)
     np.testing.assert_allclose(tiles[0], first["tile_errors"], rtol=1e-3)
     assert amap.shape == (1, 300, 300)
+    # Exported again to the model's directory: the next free version, never an overwrite.
+    cli.main(["export", "--work", str(work), "--export", str(out.parent)])
+    assert load_artifact(out.parent).metadata.version == 2
 
 
 @pytest.mark.slow
@@ -91,6 +95,16 @@ def test_training_is_deterministic_under_a_seed(synthetic: Path, tmp_path: Path)
     wa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["state_dict"]
     wc = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["state_dict"]
     assert not torch.equal(wa["decoder.0.1.weight"], wc["decoder.0.1.weight"])
+
+
+def test_paper_preset_trains_the_papers_recipe(synthetic: Path, tmp_path: Path) -> None:
+    cli.main(["train", "--family", "pwae", "--data", str(synthetic), "--work", str(tmp_path),
+              "--preset", "paper", *SMALL])  # fmt: skip
+    config = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["config"]
+    small = {"epochs": 3, "permutations": 24, "batch_size": 4}
+    assert config == PAPER.model_copy(update=small).to_dict()
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--data", str(synthetic), "--work", str(tmp_path), "--preset", "x"])
 
 
 @pytest.mark.slow

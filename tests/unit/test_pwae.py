@@ -93,10 +93,17 @@ def test_learning_rate_schedule() -> None:
     assert lr_at(PAPER, 1.0) == pytest.approx(0.01 / 11**0.75)
 
 
-def test_paper_preset_is_the_default_and_pixel_error() -> None:
-    assert PWAEConfig() == PAPER
-    assert PAPER.error_space == "pixel" and PAPER.w_perceptual == 0
+def test_paper_preset_keeps_the_papers_recipe() -> None:
+    assert PAPER.swd_on == "map" and PAPER.error_normalisation == "none"
+    assert PAPER.tile_error == "mean" and PAPER.error_space == "pixel" and PAPER.w_perceptual == 0
     assert (PAPER.prior_nu, PAPER.prior_sigma, PAPER.lr, PAPER.momentum) == (5.0, 1.0, 0.01, 0.9)
+    # The default departs from it only in the choices made on validation figures.
+    default, paper = PWAEConfig().to_dict(), PAPER.to_dict()
+    assert {k for k in default if default[k] != paper[k]} == {
+        "swd_on",
+        "error_normalisation",
+        "tile_error",
+    }
 
 
 @pytest.mark.parametrize("error_space", ["pixel", "feature"])
@@ -159,3 +166,45 @@ def test_pwae_on_resnet50(tmp_path: Path) -> None:
     with torch.no_grad():
         e0, tiles, _ = model(torch.randn(1, 3, 300, 300))
     assert torch.isfinite(e0).all() and tiles.shape == (1, 9)
+
+
+def _part_tensor(rgb: np.ndarray) -> torch.Tensor:
+    from service.contract import InputSpec
+    from service.preprocessing import normalise
+
+    return torch.from_numpy(normalise(rgb.astype(np.float32) / 255, InputSpec()))
+
+
+def test_zscore_maps_and_peak_tile_errors_through_onnx() -> None:
+    import onnxruntime as ort
+
+    from model_export.pwae import to_onnx
+    from service import tiler
+    from tests.helpers.synthetic import good_image, inject_defect
+
+    rng = np.random.default_rng(0)
+    parts = [good_image(rng) for _ in range(6)]
+    cfg = PWAEConfig(
+        permutations=24, epochs=2, batch_size=3, error_normalisation="zscore", tile_error="peak"
+    )
+    model, _ = fit(cfg, [_part_tensor(p) for p in parts])
+    # Statistics of the training images' raw maps, the std floored above zero.
+    assert float(model.error_mean.min()) >= 0 and float(model.error_mean.max()) > 0
+    floor = cfg.error_std_floor * float(model.error_std.mean())
+    assert float(model.error_std.min()) >= floor * 0.999
+    clean = parts[0]
+    broken, mask = inject_defect(clean, rng, "blob")
+    x = torch.stack([_part_tensor(clean), _part_tensor(broken)])
+    with torch.no_grad():
+        e0, tiles, amap = model(x)
+    assert (amap >= 0).all()  # clipped at 0: below-usual error is no defect
+    torch.testing.assert_close(tiles, tiler.tile_maxima(amap, 3, 3))
+    torch.testing.assert_close(e0, amap.mean((1, 2)))
+    # The defect raises the map where it is, far above the clean image's.
+    inside = torch.from_numpy(mask > 0)
+    assert float(amap[1][inside].mean()) > 3 * float(amap[0][inside].mean())
+    # The exported graph computes the same normalised map and tile peaks.
+    sess = ort.InferenceSession(to_onnx(model), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"image": x.numpy()})
+    for g, w in zip(got, (e0, tiles, amap), strict=True):
+        np.testing.assert_allclose(g, w.numpy(), rtol=1e-3, atol=1e-4)
