@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+
 from tests.helpers.deploy import REPO, free_port, wait_ready
 
 
@@ -22,6 +24,15 @@ class Server:
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def assert_api_error(r: httpx.Response, status: int, *reasons: str) -> None:
+    """The API's error body: one of ``reasons``, a message, the request id."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"]["reason"] in reasons, body
+    assert body["error"]["message"]
+    assert body["request_id"] == r.headers["x-request-id"]
 
 
 @contextlib.contextmanager

@@ -71,10 +71,24 @@ def inject_defect(
     return out, mask
 
 
-def encode_png(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    assert ok
+def encode(ext: str, img: np.ndarray) -> bytes:
+    """``img`` as OpenCV writes it to a file of type ``ext`` (".png", ".jpg", ...)."""
+    ok, buf = cv2.imencode(ext, img)
+    assert ok, ext
     return buf.tobytes()
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    return encode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def part_png(seed: int = 0, defect: str | None = None) -> bytes:
+    """A PNG of a synthetic part, with one defect of the given kind if asked."""
+    rng = np.random.default_rng(seed)
+    img = good_image(rng)
+    if defect:
+        img, _ = inject_defect(img, rng, defect)
+    return encode_png(img)
 
 
 def write_category(

@@ -18,28 +18,14 @@ import pytest
 
 from service.contract import METADATA_FILE, MODEL_FILE
 from tests.helpers.onnx_models import write_toy_artifact
-from tests.helpers.server import Server, run_server
-from tests.helpers.synthetic import encode_png, good_image, inject_defect
+from tests.helpers.server import Server, assert_api_error, run_server
+from tests.helpers.synthetic import encode, encode_png, good_image, part_png
 from tests.unit.test_preprocessing import _png_bomb
 
 # The toy model's errors are squared distances from black in normalised
 # units; these thresholds make the synthetic good part pass and a dark
 # defect fail in the tiles it touches.
 THRESHOLDS = {"eps0": 3.0, "tiles": (3.0,) * 9}
-
-
-def _png(seed: int = 0, defect: str | None = None) -> bytes:
-    rng = np.random.default_rng(seed)
-    img = good_image(rng)
-    if defect:
-        img, _ = inject_defect(img, rng, defect)
-    return encode_png(img)
-
-
-def _encode(ext: str, img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(ext, img)
-    assert ok
-    return buf.tobytes()
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +51,11 @@ def _inspect(base: str, data: bytes, ctype: str = "image/png", **params: str) ->
     )
 
 
-def _error(r: httpx.Response, status: int, reason: str) -> None:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body["error"]["reason"] == reason
-    assert body["error"]["message"]
-    assert body["request_id"] == r.headers["x-request-id"]
-
-
 # --- each endpoint -------------------------------------------------------------------
 
 
 def test_inspect_raw_body(server: Server) -> None:
-    r = _inspect(server.base, _png())
+    r = _inspect(server.base, part_png())
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == {"name": "toy", "version": 1, "family": "pwae"}
@@ -94,7 +72,7 @@ def test_inspect_raw_body(server: Server) -> None:
 
 
 def test_verdicts_follow_the_threshold_rule(server: Server) -> None:
-    good = _inspect(server.base, _png(1)).json()
+    good = _inspect(server.base, part_png(1)).json()
     # A part with its lower third burnt black: far from the toy model's normal.
     burnt = good_image(np.random.default_rng(1))
     burnt[200:] = 0
@@ -104,7 +82,7 @@ def test_verdicts_follow_the_threshold_rule(server: Server) -> None:
 
 
 def test_multipart_gives_the_same_result_as_raw(server: Server) -> None:
-    data = _png(2)
+    data = part_png(2)
     raw = _inspect(server.base, data).json()
     r = httpx.post(f"{server.base}/v1/inspect", files={"file": ("part.png", data, "image/png")})
     assert r.status_code == 200, r.text
@@ -112,7 +90,7 @@ def test_multipart_gives_the_same_result_as_raw(server: Server) -> None:
 
 
 def test_heatmap_inline_and_as_png(server: Server) -> None:
-    data = _png(3, "blob")
+    data = part_png(3, "blob")
     body = _inspect(server.base, data, heatmap="true").json()
     png = base64.b64decode(body["heatmap_png_base64"])
     img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
@@ -128,16 +106,16 @@ def test_heatmap_inline_and_as_png(server: Server) -> None:
 
 def test_batch_keeps_order_and_fails_only_the_bad_entry(server: Server) -> None:
     files = [
-        ("files", ("a.png", _png(4), "image/png")),
+        ("files", ("a.png", part_png(4), "image/png")),
         ("files", ("b.txt", b"not an image", "text/plain")),
-        ("files", ("c.png", _png(5, "scratch"), "image/png")),
+        ("files", ("c.png", part_png(5, "scratch"), "image/png")),
     ]
     r = httpx.post(f"{server.base}/v1/inspect/batch", files=files, timeout=30)
     assert r.status_code == 200, r.text
     results = r.json()["results"]
     assert [x["index"] for x in results] == [0, 1, 2]
     assert [x["filename"] for x in results] == ["a.png", "b.txt", "c.png"]
-    assert results[0]["result"]["tiles"] == _inspect(server.base, _png(4)).json()["tiles"]
+    assert results[0]["result"]["tiles"] == _inspect(server.base, part_png(4)).json()["tiles"]
     assert results[1]["result"] is None and results[1]["error"]["reason"] == "unsupported_format"
     assert results[2]["result"]["verdict"] in ("defect_free", "defective")
 
@@ -155,7 +133,7 @@ def test_metrics_exposition_passes_promtool(server: Server, tmp_path: Path) -> N
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (scripts/install-system-deps.sh installs it)")
-    _inspect(server.base, _png())
+    _inspect(server.base, part_png())
     _inspect(server.base, b"", "image/png")
     text = httpx.get(f"{server.base}/metrics").text
     for name in (
@@ -193,40 +171,44 @@ def test_openapi_documents_the_api(server: Server) -> None:
 
 
 def test_empty_body(server: Server) -> None:
-    _error(_inspect(server.base, b""), 400, "empty")
+    assert_api_error(_inspect(server.base, b""), 400, "empty")
 
 
 def test_text_declared_as_png(server: Server) -> None:
-    _error(_inspect(server.base, b"hello, world"), 400, "unsupported_format")
+    assert_api_error(_inspect(server.base, b"hello, world"), 400, "unsupported_format")
 
 
 def test_wrong_content_type(server: Server) -> None:
-    _error(_inspect(server.base, b'{"a": 1}', "application/json"), 415, "unsupported_media_type")
-    _error(_inspect(server.base, _png(), "text/plain"), 415, "unsupported_media_type")
+    assert_api_error(
+        _inspect(server.base, b'{"a": 1}', "application/json"), 415, "unsupported_media_type"
+    )
+    assert_api_error(_inspect(server.base, part_png(), "text/plain"), 415, "unsupported_media_type")
 
 
 def test_truncated_png(server: Server) -> None:
-    data = _png()
+    data = part_png()
     r = _inspect(server.base, data[: len(data) // 2])
     assert r.status_code == 400
     assert r.json()["error"]["reason"] in ("truncated", "corrupt")
 
 
 def test_decompression_bomb(server: Server) -> None:
-    _error(_inspect(server.base, _png_bomb(10_000, 10_000)), 400, "too_many_pixels")
+    assert_api_error(_inspect(server.base, _png_bomb(10_000, 10_000)), 400, "too_many_pixels")
 
 
 def test_one_pixel_image(server: Server) -> None:
-    _error(_inspect(server.base, _encode(".png", np.zeros((1, 1, 3), np.uint8))), 400, "too_small")
+    assert_api_error(
+        _inspect(server.base, encode(".png", np.zeros((1, 1, 3), np.uint8))), 400, "too_small"
+    )
 
 
 def test_missing_multipart_field(server: Server) -> None:
-    r = httpx.post(f"{server.base}/v1/inspect", files={"image": ("a.png", _png(), "image/png")})
-    _error(r, 400, "missing_file")
+    r = httpx.post(f"{server.base}/v1/inspect", files={"image": ("a.png", part_png(), "image/png")})
+    assert_api_error(r, 400, "missing_file")
 
 
 def test_bad_query_parameter(server: Server) -> None:
-    _error(_inspect(server.base, _png(), heatmap="maybe"), 422, "invalid_request")
+    assert_api_error(_inspect(server.base, part_png(), heatmap="maybe"), 422, "invalid_request")
 
 
 @pytest.mark.parametrize(
@@ -241,20 +223,20 @@ def test_bad_query_parameter(server: Server) -> None:
     ids=["tiff16-grey", "png-grey", "png-rgba", "jpeg", "bmp"],
 )
 def test_accepted_formats(server: Server, ext: str, img: np.ndarray, ctype: str) -> None:
-    r = _inspect(server.base, _encode(ext, img), ctype)
+    r = _inspect(server.base, encode(ext, img), ctype)
     assert r.status_code == 200, r.text
 
 
 def test_oversized_body(models: Path, tmp_path: Path) -> None:
     with run_server(models, tmp_path, max_body_bytes="250000") as s:
-        big = _encode(".png", np.random.default_rng(0).integers(0, 255, (500, 500, 3), np.uint8))
-        assert len(big) > 250_000 > len(_png())
-        _error(_inspect(s.base, big), 413, "payload_too_large")
+        big = encode(".png", np.random.default_rng(0).integers(0, 255, (500, 500, 3), np.uint8))
+        assert len(big) > 250_000 > len(part_png())
+        assert_api_error(_inspect(s.base, big), 413, "payload_too_large")
         # Chunked, with no Content-Length: refused while streaming.
         r = httpx.post(f"{s.base}/v1/inspect", content=iter([big[:200_000], big[200_000:]]),
                        headers={"content-type": "image/png"})  # fmt: skip
         assert r.status_code == 413
-        assert _inspect(s.base, _png()).status_code == 200  # and the server goes on
+        assert _inspect(s.base, part_png()).status_code == 200  # and the server goes on
 
 
 # --- keys ------------------------------------------------------------------------------
@@ -262,19 +244,19 @@ def test_oversized_body(models: Path, tmp_path: Path) -> None:
 
 def test_api_keys(models: Path, tmp_path: Path) -> None:
     with run_server(models, tmp_path, api_keys="key-one, key-two", admin_key="admin-key") as s:
-        _error(_inspect(s.base, _png()), 401, "missing_api_key")
-        r = httpx.post(f"{s.base}/v1/inspect", content=_png(),
+        assert_api_error(_inspect(s.base, part_png()), 401, "missing_api_key")
+        r = httpx.post(f"{s.base}/v1/inspect", content=part_png(),
                        headers={"content-type": "image/png", "x-api-key": "key-three"})  # fmt: skip
-        _error(r, 403, "invalid_api_key")
+        assert_api_error(r, 403, "invalid_api_key")
         for key in ("key-one", "key-two"):  # two keys at once: rotation
-            r = httpx.post(f"{s.base}/v1/inspect", content=_png(),
+            r = httpx.post(f"{s.base}/v1/inspect", content=part_png(),
                            headers={"content-type": "image/png", "x-api-key": key})  # fmt: skip
             assert r.status_code == 200, r.text
         r = httpx.get(f"{s.base}/v1/models", headers={"authorization": "Bearer key-two"})
         assert r.status_code == 200
         # A client key is no admin key; health and metrics need none.
         r = httpx.post(f"{s.base}/v1/models/reload", headers={"x-api-key": "key-one"})
-        _error(r, 403, "invalid_api_key")
+        assert_api_error(r, 403, "invalid_api_key")
         assert httpx.get(f"{s.base}/healthz").status_code == 200
         assert httpx.get(f"{s.base}/metrics").status_code == 200
         assert "key-one" not in s.logs() and "admin-key" not in s.logs()
@@ -284,7 +266,7 @@ def test_api_keys(models: Path, tmp_path: Path) -> None:
 
 
 def test_concurrent_clients_get_their_own_results(server: Server) -> None:
-    images = [_png(10 + i, "blob" if i % 2 else None) for i in range(8)]
+    images = [part_png(10 + i, "blob" if i % 2 else None) for i in range(8)]
     single = [_inspect(server.base, d).json() for d in images]
 
     def call(i: int) -> tuple[int, httpx.Response]:
@@ -303,7 +285,7 @@ def test_concurrent_clients_get_their_own_results(server: Server) -> None:
 
 def test_full_queue_answers_503_with_retry_after(models: Path, tmp_path: Path) -> None:
     with run_server(models, tmp_path, max_queue="1", max_batch_size="1") as s:
-        frame = _encode(".jpg", np.random.default_rng(0).integers(0, 255, (900, 900, 3), np.uint8))
+        frame = encode(".jpg", np.random.default_rng(0).integers(0, 255, (900, 900, 3), np.uint8))
 
         def call(_: int) -> httpx.Response:
             return _inspect(s.base, frame, "image/jpeg")
@@ -334,15 +316,15 @@ def test_reload_good_then_corrupt_keeps_serving(tmp_path: Path) -> None:
         r = httpx.post(f"{s.base}/v1/models/reload", headers=admin, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["version"] == 2
-        assert _inspect(s.base, _png()).json()["model"]["version"] == 2
+        assert _inspect(s.base, part_png()).json()["model"]["version"] == 2
 
         corrupt = write_toy_artifact(root, name="toy", version=3)
         with (corrupt / MODEL_FILE).open("ab") as f:
             f.write(b"\0")
         r = httpx.post(f"{s.base}/v1/models/reload", headers=admin, timeout=60)
-        _error(r, 409, "reload_failed")
+        assert_api_error(r, 409, "reload_failed")
         assert "sha256 mismatch" in r.json()["error"]["message"]
-        body = _inspect(s.base, _png()).json()
+        body = _inspect(s.base, part_png()).json()
         assert body["model"]["version"] == 2 and body["image"]["threshold"] == 5.0
 
         (corrupt / METADATA_FILE).write_text("{")  # still broken, differently
@@ -365,7 +347,7 @@ def test_reload_good_then_corrupt_keeps_serving(tmp_path: Path) -> None:
 
 
 def test_sigterm_lets_in_flight_requests_finish(models: Path, tmp_path: Path) -> None:
-    frame = _encode(".png", np.random.default_rng(0).integers(0, 255, (2048, 2448, 3), np.uint8))
+    frame = encode(".png", np.random.default_rng(0).integers(0, 255, (2048, 2448, 3), np.uint8))
     with run_server(models, tmp_path) as s:
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             pending = [pool.submit(_inspect, s.base, frame) for _ in range(6)]

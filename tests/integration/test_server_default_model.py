@@ -16,26 +16,12 @@ import pytest
 
 from service.artifact import resolve_version_dir
 from service.settings import DEFAULT_MODEL_DIR
-from tests.helpers.server import Server, run_server
-from tests.helpers.synthetic import encode_png, good_image, inject_defect
+from tests.helpers.server import Server, assert_api_error, run_server
+from tests.helpers.synthetic import encode, part_png
 from tests.unit.test_preprocessing import _png_bomb
 
 KEY = "line-3-camera"
 MAX_BODY = 600_000  # two synthetic parts (~170 kB each) fit, a 500x500 noise PNG not
-
-
-def _part(seed: int = 0, defect: str | None = None) -> bytes:
-    rng = np.random.default_rng(seed)
-    img = good_image(rng)
-    if defect:
-        img, _ = inject_defect(img, rng, defect)
-    return encode_png(img)
-
-
-def _encode(ext: str, img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(ext, img)
-    assert ok
-    return buf.tobytes()
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +48,6 @@ def _post(
     )
 
 
-def _error(r: httpx.Response, status: int, *reasons: str) -> None:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body["error"]["reason"] in reasons, body
-    assert body["error"]["message"]
-    assert body["request_id"] == r.headers["x-request-id"]
-
-
 # --- each endpoint --------------------------------------------------------------------
 
 
@@ -83,7 +61,7 @@ def test_serves_the_newest_default_version(server: Server) -> None:
 
 
 def test_inspect_raw_and_multipart_agree(server: Server) -> None:
-    data = _part(1, "scratch")
+    data = part_png(1, "scratch")
     raw = _post(server, "/v1/inspect", data)
     assert raw.status_code == 200, raw.text
     body = raw.json()
@@ -109,7 +87,7 @@ def test_inspect_raw_and_multipart_agree(server: Server) -> None:
 
 
 def test_heatmap_inline_and_as_png(server: Server) -> None:
-    data = _part(2, "blob")
+    data = part_png(2, "blob")
     inline = _post(server, "/v1/inspect", data, heatmap="true").json()
     png = base64.b64decode(inline["heatmap_png_base64"])
     img = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -122,9 +100,9 @@ def test_heatmap_inline_and_as_png(server: Server) -> None:
 
 def test_batch_fails_only_the_bad_entry(server: Server) -> None:
     files = [  # under MAX_BODY in all
-        ("files", ("a.png", _part(3), "image/png")),
+        ("files", ("a.png", part_png(3), "image/png")),
         ("files", ("empty.png", b"", "image/png")),
-        ("files", ("b.png", _part(4, "missing"), "image/png")),
+        ("files", ("b.png", part_png(4, "missing"), "image/png")),
     ]
     r = httpx.post(
         f"{server.base}/v1/inspect/batch", files=files, headers={"x-api-key": KEY}, timeout=60
@@ -147,7 +125,7 @@ def test_health_ready_metrics(server: Server) -> None:
 
 
 def test_concurrent_clients_get_their_own_results(server: Server) -> None:
-    images = [_part(20 + i, "blob" if i % 2 else None) for i in range(4)]
+    images = [part_png(20 + i, "blob" if i % 2 else None) for i in range(4)]
     single = [_post(server, "/v1/inspect", d).json() for d in images]
 
     def call(i: int) -> tuple[int, httpx.Response]:
@@ -170,17 +148,17 @@ def test_concurrent_clients_get_their_own_results(server: Server) -> None:
 BAD_INPUTS = {
     "empty body": (b"", "image/png", 400, ("empty",)),
     "text": (b"hello, world", "image/png", 400, ("unsupported_format",)),
-    "truncated png": (_part()[:5000], "image/png", 400, ("truncated", "corrupt")),
-    "wrong content type": (_part(), "text/plain", 415, ("unsupported_media_type",)),
+    "truncated png": (part_png()[:5000], "image/png", 400, ("truncated", "corrupt")),
+    "wrong content type": (part_png(), "text/plain", 415, ("unsupported_media_type",)),
     "json": (b'{"image": 1}', "application/json", 415, ("unsupported_media_type",)),
     "oversized body": (
-        _encode(".png", np.random.default_rng(0).integers(0, 255, (500, 500, 3), np.uint8)),
+        encode(".png", np.random.default_rng(0).integers(0, 255, (500, 500, 3), np.uint8)),
         "image/png",
         413,
         ("payload_too_large",),
     ),
     "decompression bomb": (_png_bomb(10_000, 10_000), "image/png", 400, ("too_many_pixels",)),
-    "1x1 image": (_encode(".png", np.zeros((1, 1, 3), np.uint8)), "image/png", 400, ("too_small",)),
+    "1x1 image": (encode(".png", np.zeros((1, 1, 3), np.uint8)), "image/png", 400, ("too_small",)),
 }
 
 
@@ -189,7 +167,7 @@ def test_bad_input(server: Server, case: str) -> None:
     data, ctype, status, reasons = BAD_INPUTS[case]
     if case == "oversized body":
         assert len(data) > MAX_BODY
-    _error(_post(server, "/v1/inspect", data, ctype), status, *reasons)
+    assert_api_error(_post(server, "/v1/inspect", data, ctype), status, *reasons)
 
 
 @pytest.mark.parametrize(
@@ -204,19 +182,19 @@ def test_bad_input(server: Server, case: str) -> None:
 def test_odd_but_valid_images_are_inspected(
     server: Server, ext: str, img: np.ndarray, ctype: str
 ) -> None:
-    r = _post(server, "/v1/inspect", _encode(ext, img), ctype)
+    r = _post(server, "/v1/inspect", encode(ext, img), ctype)
     assert r.status_code == 200, r.text
     assert r.json()["verdict"] in ("defect_free", "defective")
 
 
 def test_missing_and_wrong_api_key(server: Server) -> None:
     plain = {"content-type": "image/png"}
-    r = httpx.post(f"{server.base}/v1/inspect", content=_part(), headers=plain)
-    _error(r, 401, "missing_api_key")
+    r = httpx.post(f"{server.base}/v1/inspect", content=part_png(), headers=plain)
+    assert_api_error(r, 401, "missing_api_key")
     r = httpx.post(
-        f"{server.base}/v1/inspect", content=_part(), headers={**plain, "x-api-key": "nope"}
+        f"{server.base}/v1/inspect", content=part_png(), headers={**plain, "x-api-key": "nope"}
     )
-    _error(r, 403, "invalid_api_key")
+    assert_api_error(r, 403, "invalid_api_key")
     r = httpx.get(f"{server.base}/v1/models", headers={"authorization": "Bearer old-key"})
     assert r.status_code == 200  # the key being rotated out still works
     assert "old-key" not in server.logs() and KEY not in server.logs()

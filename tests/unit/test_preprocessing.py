@@ -20,13 +20,7 @@ from service.preprocessing import (
     normalise,
     prepare,
 )
-from tests.helpers.synthetic import encode_png, good_image
-
-
-def _encode(ext: str, img: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(ext, img)
-    assert ok
-    return buf.tobytes()
+from tests.helpers.synthetic import encode, encode_png, good_image
 
 
 def _bgr(h: int = 300, w: int = 300, seed: int = 0) -> np.ndarray:
@@ -43,24 +37,24 @@ def _rejected(data: bytes, reason: Reject, **kw: object) -> InputRejected:
 @pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tiff"])
 def test_each_format_decodes_to_the_model_input(ext: str) -> None:
     img = _bgr(240, 320)
-    out = prepare(_encode(ext, img))
+    out = prepare(encode(ext, img))
     assert out.tensor.shape == (3, 300, 300)
     assert out.tensor.dtype == np.float32
     assert out.rgb.shape == (300, 300, 3) and out.rgb.dtype == np.uint8
     assert out.source_size == (320, 240)
-    assert image_size(_encode(ext, img))[1:] == (320, 240)
+    assert image_size(encode(ext, img))[1:] == (320, 240)
 
 
 def test_header_sizes_match_decoded_sizes_for_odd_dimensions() -> None:
     img = _bgr(123, 457)
     for ext in (".png", ".jpg", ".bmp", ".tiff"):
-        assert image_size(_encode(ext, img))[1:] == (457, 123), ext
+        assert image_size(encode(ext, img))[1:] == (457, 123), ext
 
 
 def test_normalisation_follows_the_spec() -> None:
     spec = InputSpec(normalization=Normalization(mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 1.0)))
     grey = np.full((300, 300, 3), 255, np.uint8)
-    t = prepare(_encode(".png", grey), spec).tensor
+    t = prepare(encode(".png", grey), spec).tensor
     np.testing.assert_allclose(t[:, 0, 0], [1.0, 3.0, 1.0], rtol=1e-6)
     np.testing.assert_allclose(denormalise(t, spec), 1.0, atol=1e-6)
 
@@ -76,13 +70,13 @@ def test_png_round_trip_is_exact_at_model_size() -> None:
 def test_colour_order_is_rgb() -> None:
     bgr = np.zeros((300, 300, 3), np.uint8)
     bgr[..., 2] = 255  # red in OpenCV's BGR order
-    out = prepare(_encode(".png", bgr))
+    out = prepare(encode(".png", bgr))
     assert out.rgb[0, 0].tolist() == [255, 0, 0]
 
 
 def test_grey_is_replicated_to_three_channels() -> None:
     grey = np.full((300, 300), 128, np.uint8)
-    out = prepare(_encode(".png", grey))
+    out = prepare(encode(".png", grey))
     assert out.rgb[5, 5].tolist() == [128, 128, 128]
 
 
@@ -90,22 +84,22 @@ def test_rgba_drops_alpha() -> None:
     bgra = np.zeros((300, 300, 4), np.uint8)
     bgra[..., 1] = 200
     bgra[..., 3] = 0  # fully transparent: the colour underneath is still the part
-    out = prepare(_encode(".png", bgra))
+    out = prepare(encode(".png", bgra))
     assert out.rgb[0, 0].tolist() == [0, 200, 0]
 
 
 @pytest.mark.parametrize("ext", [".png", ".tiff"])
 def test_sixteen_bit_is_scaled_by_its_own_range(ext: str) -> None:
     img16 = np.full((300, 300), 32768, np.uint16)
-    assert decode(_encode(ext, img16)).dtype == np.uint16
-    out = prepare(_encode(ext, img16))
+    assert decode(encode(ext, img16)).dtype == np.uint16
+    out = prepare(encode(ext, img16))
     assert out.rgb[0, 0].tolist() == [128, 128, 128]
 
 
 def test_sixteen_bit_rgb_tiff() -> None:
     bgr16 = np.zeros((300, 300, 3), np.uint16)
     bgr16[..., 0] = 65535  # blue
-    out = prepare(_encode(".tiff", bgr16))
+    out = prepare(encode(".tiff", bgr16))
     assert out.rgb[0, 0].tolist() == [0, 0, 255]
 
 
@@ -114,7 +108,7 @@ def test_large_frame_is_shrunk_with_area_filter() -> None:
     # line; nearest-neighbour would drop it or keep it at full strength.
     frame = np.zeros((3000, 3000), np.uint8)
     frame[:, 1500] = 255
-    out = prepare(_encode(".png", frame))
+    out = prepare(encode(".png", frame))
     column = out.rgb[:, 150, 0]
     assert 20 <= column.min() <= column.max() <= 30  # 255 / 10, rounded
 
@@ -130,7 +124,7 @@ def test_not_an_image(data: bytes) -> None:
 
 @pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tiff"])
 def test_truncated_files(ext: str) -> None:
-    data = _encode(ext, _bgr())
+    data = encode(ext, _bgr())
     for cut in (len(data) // 2, len(data) - 3):
         with pytest.raises(InputRejected) as err:
             prepare(data[:cut])
@@ -139,7 +133,7 @@ def test_truncated_files(ext: str) -> None:
 
 @pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".tiff"])
 def test_cut_inside_the_header(ext: str) -> None:
-    data = _encode(ext, _bgr())
+    data = encode(ext, _bgr())
     _rejected(data[:12], Reject.TRUNCATED)
 
 
@@ -177,23 +171,23 @@ def test_decompression_bomb_is_refused_from_its_header() -> None:
 
 
 def test_pixel_budget_is_configurable() -> None:
-    data = _encode(".png", _bgr(400, 400))
+    data = encode(".png", _bgr(400, 400))
     _rejected(data, Reject.TOO_MANY_PIXELS, max_pixels=100_000)
     assert prepare(data, max_pixels=160_000).tensor.shape == (3, 300, 300)
 
 
 @pytest.mark.parametrize(("h", "w"), [(1, 1), (99, 300), (300, 99)])
 def test_smaller_than_one_tile(h: int, w: int) -> None:
-    err = _rejected(_encode(".png", _bgr(h, w)), Reject.TOO_SMALL)
+    err = _rejected(encode(".png", _bgr(h, w)), Reject.TOO_SMALL)
     assert "100x100" in err.message
 
 
 def test_exactly_one_tile_is_enough() -> None:
-    assert prepare(_encode(".png", _bgr(100, 100))).tensor.shape == (3, 300, 300)
+    assert prepare(encode(".png", _bgr(100, 100))).tensor.shape == (3, 300, 300)
 
 
 def test_header_lying_about_size_is_corrupt() -> None:
-    data = bytearray(_encode(".png", _bgr(300, 300)))
+    data = bytearray(encode(".png", _bgr(300, 300)))
     data[16:24] = struct.pack(">II", 200, 200)  # IHDR says 200x200; CRC now wrong too
     with pytest.raises(InputRejected) as err:
         prepare(bytes(data))
@@ -204,7 +198,7 @@ def test_large_jpeg_is_decoded_scaled_down_like_the_area_filter() -> None:
     rng = np.random.default_rng(0)
     small = cv2.cvtColor(good_image(rng), cv2.COLOR_RGB2BGR)
     big = cv2.resize(small, (2400, 2400), interpolation=cv2.INTER_LINEAR)
-    data = _encode(".jpg", big)
+    data = encode(".jpg", big)
     assert decode(data, target=(300, 300)).shape == (300, 300, 3)  # 1/8 in the DCT domain
     assert decode(data, target=(1000, 1000)).shape == (1200, 1200, 3)  # 1/2
     assert decode(data).shape == (2400, 2400, 3)
