@@ -419,6 +419,17 @@ def test_k8s_training_job_writes_to_the_server_model_repository() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
+def test_k8s_training_job_passes_the_trainer_arguments_it_takes() -> None:
+    from model_export import cli
+
+    job = by_kind(kustomize(K8S / "training"))["Job"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    args = cli.parser().parse_args(container["args"])  # exits on an unknown flag
+    assert args.stage == "run" and args.data is not None
+    # A model directory, not a fixed version: every run writes a new one.
+    assert args.out is not None and not args.out.name.isdigit()
+
+
 # ---------------------------------------------------------- settings names
 
 
