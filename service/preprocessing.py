@@ -12,6 +12,7 @@ inflate to gigabytes) is refused without allocating it.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from enum import StrEnum
@@ -19,7 +20,7 @@ from enum import StrEnum
 import cv2
 import numpy as np
 
-from service.contract import InputSpec, TileGrid
+from service.contract import InputSpec, Normalization, TileGrid
 
 DEFAULT_MAX_PIXELS = 40_000_000  # a 4096x3000 camera frame is 12.3 MP
 
@@ -228,6 +229,20 @@ def decode(
     return img
 
 
+def to_rgb(img: np.ndarray) -> np.ndarray:
+    """OpenCV pixels (grey, BGR or BGRA) -> RGB (H, W, 3), dtype kept."""
+    channels = 1 if img.ndim == 2 else img.shape[2]
+    if channels == 1:
+        return cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2RGB)
+    if channels == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    if channels == 4:
+        # Alpha is dropped, not composited: cameras emit opaque images, and
+        # whatever the colour under a transparent pixel is, it is the part.
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    raise InputRejected(Reject.UNSUPPORTED_FORMAT, f"{channels} channels are not supported")
+
+
 def to_rgb01(img: np.ndarray) -> np.ndarray:
     """OpenCV pixels (grey, BGR or BGRA; uint8, uint16 or float) -> RGB float32 in [0, 1]."""
     if img.dtype == np.uint8:
@@ -238,18 +253,7 @@ def to_rgb01(img: np.ndarray) -> np.ndarray:
         scale = 1.0
     else:
         raise InputRejected(Reject.UNSUPPORTED_FORMAT, f"pixel type {img.dtype} is not supported")
-    channels = 1 if img.ndim == 2 else img.shape[2]
-    if channels == 1:
-        rgb = cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2RGB)
-    elif channels == 3:
-        rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    elif channels == 4:
-        # Alpha is dropped, not composited: cameras emit opaque images, and
-        # whatever the colour under a transparent pixel is, it is the part.
-        rgb = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    else:
-        raise InputRejected(Reject.UNSUPPORTED_FORMAT, f"{channels} channels are not supported")
-    out = rgb.astype(np.float32) * np.float32(1.0 / scale)
+    out = to_rgb(img).astype(np.float32) * np.float32(1.0 / scale)
     return np.clip(out, 0.0, 1.0, out=out)
 
 
@@ -269,6 +273,30 @@ def normalise(rgb01: np.ndarray, spec: InputSpec) -> np.ndarray:
     return np.ascontiguousarray(((rgb01 - mean) / std).transpose(2, 0, 1), dtype=np.float32)
 
 
+@functools.lru_cache(maxsize=16)
+def _normalised_levels(norm: Normalization) -> np.ndarray:
+    """(1, 256, 3) float32: normalise(to_rgb01(v)) for each 8-bit level v, per channel.
+
+    The same float32 operations as the general path, so the table's values
+    are bit-identical to it.
+    """
+    levels = np.arange(256, dtype=np.float32) * np.float32(1.0 / 255.0)
+    mean = np.asarray(norm.mean, np.float32)
+    std = np.asarray(norm.std, np.float32)
+    return np.ascontiguousarray(((levels[:, None] - mean) / std)[None], dtype=np.float32)
+
+
+def normalise_rgb8(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 as the model expects, by table lookup.
+
+    Equal to ``normalise(to_rgb01(...))`` for 8-bit pixels at a fraction of the
+    cost: one lookup per value instead of four float passes over the image,
+    which the server profile (bench.profile_server) showed at 11% of its CPU.
+    """
+    table = cv2.LUT(rgb, _normalised_levels(spec.normalization))
+    return np.ascontiguousarray(table.transpose(2, 0, 1))
+
+
 def prepare(
     data: bytes,
     spec: InputSpec | None = None,
@@ -285,7 +313,11 @@ def prepare(
     # Resize before the float conversion: on a 12 MP frame that is 4x less
     # memory traffic; the rounding to the source's integer type that this
     # costs is below a camera's noise.
-    rgb01 = to_rgb01(resize(img, spec.width, spec.height))
+    small = resize(img, spec.width, spec.height)
+    if small.dtype == np.uint8:  # what cameras send: the table-lookup path
+        rgb = to_rgb(small)
+        return PreparedImage(normalise_rgb8(rgb, spec), rgb, source_size)
+    rgb01 = to_rgb01(small)
     rgb = (rgb01 * 255.0 + 0.5).astype(np.uint8)
     return PreparedImage(tensor=normalise(rgb01, spec), rgb=rgb, source_size=source_size)
 

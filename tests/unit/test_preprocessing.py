@@ -19,6 +19,8 @@ from service.preprocessing import (
     image_size,
     normalise,
     prepare,
+    resize,
+    to_rgb01,
 )
 from tests.helpers.synthetic import encode, encode_png, good_image
 
@@ -207,3 +209,14 @@ def test_large_jpeg_is_decoded_scaled_down_like_the_area_filter() -> None:
     full = cv2.resize(decode(data), (300, 300), interpolation=cv2.INTER_AREA)
     reference = cv2.cvtColor(full, cv2.COLOR_BGR2RGB).astype(np.float32)
     assert np.abs(out.rgb.astype(np.float32) - reference).mean() < 2.0  # grey levels
+
+
+@pytest.mark.parametrize("shape", [(300, 300), (300, 300, 3), (300, 300, 4), (640, 480, 3)])
+def test_eight_bit_lookup_equals_the_float_path_bit_for_bit(shape: tuple[int, ...]) -> None:
+    spec = InputSpec(normalization=Normalization(mean=(0.3, 0.5, 0.7), std=(0.2, 0.25, 0.3)))
+    img = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    got = prepare(encode(".png", img), spec)
+    rgb01 = to_rgb01(resize(img, spec.width, spec.height))
+    np.testing.assert_array_equal(got.tensor, normalise(rgb01, spec))
+    np.testing.assert_array_equal(got.rgb, (rgb01 * 255.0 + 0.5).astype(np.uint8))
+    assert got.tensor.dtype == np.float32 and got.tensor.flags.c_contiguous
