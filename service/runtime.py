@@ -37,7 +37,10 @@ def warm_up(art: LoadedArtifact) -> None:
 
 def open_model(settings: Settings, model_dir: Path | None = None) -> LoadedArtifact:
     art = load_artifact(
-        model_dir or settings.model_dir, settings.providers, settings.intra_op_threads
+        model_dir or settings.model_dir,
+        settings.providers,
+        settings.intra_op_threads,
+        settings.intra_op_spinning,
     )
     warm_up(art)
     return art

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
     # those this onnxruntime build lacks are skipped.
     providers: Annotated[tuple[str, ...], NoDecode] = DEFAULT_PROVIDERS
     intra_op_threads: int = Field(0, ge=0, description="0: onnxruntime's default")
+    # Off: onnxruntime's threads sleep between ops instead of spinning, and
+    # leave the cores to decoding and HTTP, which share them; on a 2-core CPU
+    # that answered as many images per second for less CPU per image
+    # (docs/performance.md).
+    intra_op_spinning: bool = False
     # Dynamic batching, like Triton's: a batch closes when it is full or when
     # its first request has waited max_queue_delay_ms.
     max_batch_size: int = Field(8, ge=1)

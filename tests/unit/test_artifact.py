@@ -55,6 +55,13 @@ def test_good_artifact_loads_and_runs(artifact: Path) -> None:
     assert outs["anomaly_map"].shape == (2, 300, 300)
 
 
+@pytest.mark.parametrize(("spinning", "entry"), [(True, "1"), (False, "0")])
+def test_intra_op_spinning_reaches_the_session(artifact: Path, spinning: bool, entry: str) -> None:
+    loaded = load_artifact(artifact, intra_op_spinning=spinning)
+    options = loaded.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == entry
+
+
 def test_metadata_round_trips_through_json(artifact: Path) -> None:
     meta = read_metadata(artifact)
     assert ModelMetadata.model_validate_json(meta.model_dump_json()) == meta

@@ -62,7 +62,9 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INSPECTION_API_KEYS", "key-a, key-b,,key-c")
     monkeypatch.setenv("INSPECTION_PROVIDERS", "CPUExecutionProvider")
     monkeypatch.setenv("INSPECTION_PORT", "9001")
+    monkeypatch.setenv("INSPECTION_INTRA_OP_SPINNING", "true")
     s = Settings()
+    assert s.intra_op_spinning is True
     assert [k.get_secret_value() for k in s.api_keys] == ["key-a", "key-b", "key-c"]
     assert s.providers == ("CPUExecutionProvider",)
     assert s.port == 9001
@@ -82,3 +84,4 @@ def test_settings_defaults_serve_the_embedded_model(monkeypatch: pytest.MonkeyPa
     assert s.model_dir.parts[-2:] == ("models", "bottle-pwae")
     assert s.api_keys == ()
     assert s.providers[0] == "CUDAExecutionProvider"  # CUDA first where onnxruntime has it
+    assert s.intra_op_spinning is False  # the cores are shared with decoding and HTTP
