@@ -93,10 +93,20 @@ def repeat(
     return Timing(samples)
 
 
+def command() -> str:
+    """The command line that is running, as a person would type it again."""
+    import shlex
+    import sys
+
+    return shlex.join(["python", "-m", f"bench.{Path(sys.argv[0]).stem}", *sys.argv[1:]])
+
+
 def write_json(name: str, payload: dict[str, Any]) -> Path:
+    """bench/results/<name>.json: the payload, the machine and the command that measured it."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    record = {"machine": machine(), "command": command(), **payload}
+    path.write_text(json.dumps(record, indent=2) + "\n")
     return path
 
 

@@ -3,8 +3,9 @@
     python -m bench.http_load models/bottle-pwae --clients 1,4,16,64
 
 Starts ``python -m service`` on 127.0.0.1 (dynamic batching on, then off),
-drives it with N closed-loop clients (threads, one keep-alive connection
-each) posting the same real image, and reports client-side p50/p95/p99 and
+drives it with N closed-loop clients (bench.loadgen: one asyncio loop, one
+keep-alive connection each, so the client takes little of the shared cores)
+posting the same real image, and reports client-side p50/p95/p99 and
 throughput. In the same run it times the raw onnxruntime session on that
 image's tensor (batch 1 and the best batch size), so the ratio HTTP / raw is
 what the server costs. Client and server share this machine's cores; the
@@ -14,26 +15,28 @@ server's onnxruntime uses its default thread count.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import contextlib
 import os
-import signal
-import subprocess
-import sys
-import threading
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
+from bench import loadgen
 from bench.common import Timing, print_table, repeat, write_json
 from service.artifact import DEFAULT_PROVIDERS, load_artifact
 from service.contract import INPUT_NAME
 from service.preprocessing import prepare
+from tests.helpers.server import Server, run_server
 
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = Path(os.environ.get("INSPECTION_DATASETS", REPO.parent / "shared" / "datasets"))
+
+
+CORES = "client (bench.loadgen, one asyncio thread) and server share all cores of this machine"
 
 
 def sample_image() -> tuple[bytes, str]:
@@ -46,91 +49,48 @@ def sample_image() -> tuple[bytes, str]:
     return encode_png(good_image(np.random.default_rng(0))), "synthetic part (no datasets found)"
 
 
-def free_port() -> int:
-    import socket
+@contextlib.contextmanager
+def serving(model_dir: Path, **settings: str) -> Iterator[Server]:
+    """``python -m service`` on 127.0.0.1 with INSPECTION_<KEY> settings, as the tests start it."""
+    with tempfile.TemporaryDirectory() as logs, run_server(model_dir, Path(logs), **settings) as s:
+        yield s
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def rss_mb(server: Server) -> float:
+    for line in Path(f"/proc/{server.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
-class ServerProcess:
-    def __init__(self, model_dir: Path, **settings: str) -> None:
-        self.port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTION_")}
-        env.update({f"INSPECTION_{k.upper()}": v for k, v in settings.items()})
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "--port",
-                str(self.port),
-                "--model-dir",
-                str(model_dir),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.base = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not become ready")
-
-    def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=60)
+def cpu_s(server: Server) -> float:
+    """CPU seconds the server process has used, all its threads."""
+    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def drive(
-    base: str, data: bytes, clients: int, seconds: float, max_requests: int
+    server: Server, data: bytes, clients: int, seconds: float, max_requests: int
 ) -> dict[str, Any]:
-    """Closed loop: each client posts, waits for the answer, posts again."""
-    stop = time.monotonic() + seconds
-    lock = threading.Lock()
-    latencies: list[float] = []
-    codes: dict[int, int] = {}
-    sent = [0]
+    """Closed loop: each client posts, waits for the answer, posts again.
 
-    def client() -> None:
-        with httpx.Client(base_url=base, timeout=60) as c:
-            while time.monotonic() < stop:
-                with lock:
-                    if sent[0] >= max_requests:
-                        return
-                    sent[0] += 1
-                t0 = time.perf_counter()
-                r = c.post("/v1/inspect", content=data, headers={"content-type": "image/png"})
-                took = (time.perf_counter() - t0) * 1000
-                with lock:
-                    codes[r.status_code] = codes.get(r.status_code, 0) + 1
-                    if r.status_code == 200:
-                        latencies.append(took)
-
-    started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        for f in [pool.submit(client) for _ in range(clients)]:
-            f.result()
-    wall = time.perf_counter() - started
-    t = Timing(latencies)
+    Besides latency and throughput, the CPU time that the server and this
+    client spent per answered image: on shared cores, their sum bounds the
+    throughput at cores / (server + client) whatever the batching does.
+    """
+    server_cpu, client_cpu = cpu_s(server), time.process_time()
+    r = loadgen.closed_loop(loadgen.Target(server.base, data), clients, seconds, max_requests)
+    server_cpu, client_cpu = cpu_s(server) - server_cpu, time.process_time() - client_cpu
+    t = Timing(r.latencies_ms)
+    done = max(1, len(r.latencies_ms))
     return {
         "clients": clients,
         **t.summary(),
-        "throughput_per_s": round(len(latencies) / wall, 2),
-        "status_codes": codes,
+        "throughput_per_s": round(len(r.latencies_ms) / r.wall_s, 2),
+        "server_cpu_ms_per_image": round(1000 * server_cpu / done, 2),
+        "client_cpu_ms_per_image": round(1000 * client_cpu / done, 2),
+        "status_codes": {str(k): v for k, v in sorted(r.codes.items())},
+        "client_errors": dict(r.errors),
     }
 
 
@@ -141,13 +101,25 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="per setting")
     ap.add_argument("--max-requests", type=int, default=5000, help="per setting")
     ap.add_argument("--out", default="http_load")
+    ap.add_argument(
+        "--server-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an INSPECTION_* setting for the server, e.g. intra_op_spinning=true",
+    )
     args = ap.parse_args(argv)
     data, source = sample_image()
+    extra = dict(item.split("=", 1) for item in args.server_setting)
 
     art = load_artifact(args.model_dir, DEFAULT_PROVIDERS)
     meta = art.metadata
     x = prepare(data, meta.input, meta.grid).tensor[None]
+    cpu0 = time.process_time()
     raw1 = repeat(lambda: art.session.run(None, {INPUT_NAME: x}), budget_s=5)
+    # onnxruntime's threads spin between ops here (its default, the fastest
+    # when nothing else runs), so this CPU figure includes the spinning.
+    raw1_cpu_ms = 1000 * (time.process_time() - cpu0) / (len(raw1.samples_ms) + 2)
     raw_pre = repeat(
         lambda: art.session.run(None, {INPUT_NAME: prepare(data).tensor[None]}), budget_s=5
     )
@@ -160,17 +132,18 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = []
     for batching in ("on", "off"):
-        settings = {"max_batch_size": "16" if batching == "on" else "1", "max_queue": "256"}
-        server = ServerProcess(args.model_dir, **settings)
-        try:
+        settings = {
+            "max_batch_size": "16" if batching == "on" else "1",
+            "max_queue": "256",
+            **extra,
+        }
+        with serving(args.model_dir, **settings) as server:
             for n in (int(c) for c in args.clients.split(",")):
-                drive(server.base, data, n, 1.0, 50)  # warm the connections and caches
-                row = drive(server.base, data, n, args.seconds, args.max_requests)
+                drive(server, data, n, 1.0, 50)  # warm the connections and caches
+                row = drive(server, data, n, args.seconds, args.max_requests)
                 row["batching"] = batching
-                row["server_rss_mb"] = round(server.rss_mb(), 1)
+                row["server_rss_mb"] = round(rss_mb(server), 1)
                 rows.append(row)
-        finally:
-            server.stop()
     print(f"image: {source}; model {meta.name}/{meta.version}")
     print(
         f"raw onnxruntime, batch 1: p50 {raw1.p50:.2f} ms; "
@@ -187,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
             "images/s",
             "p50 / raw",
             "thr / best raw",
+            "server cpu ms/img",
+            "client cpu ms/img",
             "codes",
         ],
         [
@@ -199,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
                 r["throughput_per_s"],
                 round(r["p50_ms"] / raw_pre.p50, 3),
                 round(r["throughput_per_s"] / best["images_per_s"], 3),
+                r["server_cpu_ms_per_image"],
+                r["client_cpu_ms_per_image"],
                 r["status_codes"],
             ]
             for r in rows
@@ -211,9 +188,11 @@ def main(argv: list[str] | None = None) -> None:
             "batch1": raw1.summary(),
             "batch1_with_preprocessing": raw_pre.summary(),
             "best": best,
+            "batch1_cpu_ms_per_image": round(raw1_cpu_ms, 2),
         },
+        "server_settings": extra,
         "http": rows,
-        "cores": "client threads and server share all cores of this machine",
+        "cores": CORES,
     }
     print("wrote", write_json(args.out, payload))
 
