@@ -1,7 +1,9 @@
 """Dynamic batching: requests from concurrent clients run as one onnxruntime call.
 
 Like Triton's dynamic batcher, a batch closes when it holds ``max_batch_size``
-images or when its first image has waited ``max_queue_delay``. Unlike a fixed
+images (by default 8 on a GPU provider, 1 on the CPU: see
+:meth:`Batcher.batch_limit`) or when its first image has waited
+``max_queue_delay``. Unlike a fixed
 delay, the batcher waits only while more images are on their way (requests
 still decoding): a lone client never pays the delay.
 
@@ -29,6 +31,11 @@ from service.metrics import Metrics
 from service.runtime import ModelRuntime
 
 logger = logging.getLogger("service.batcher")
+
+
+# Providers that run a batch in about the time of one image.
+GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
+DEFAULT_GPU_BATCH = 8
 
 
 class QueueFull(Exception):
@@ -62,13 +69,13 @@ class Batcher:
         self,
         runtime: ModelRuntime,
         metrics: Metrics,
-        max_batch_size: int,
+        max_batch_size: int | None,
         max_queue_delay_s: float,
         max_queue: int,
     ) -> None:
         self.runtime = runtime
         self.metrics = metrics
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = max_batch_size  # None: by provider, see batch_limit()
         self.max_queue_delay_s = max_queue_delay_s
         self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=max_queue)
         self.expected = 0  # requests decoding now, whose images will arrive shortly
@@ -110,10 +117,25 @@ class Batcher:
         self.metrics.queue_depth.labels(*self._labels()).set(self.queue.qsize())
         return future
 
+    def batch_limit(self) -> int:
+        """Images per onnxruntime run: the setting, else by the provider in use.
+
+        A GPU runs a batch of 8 in about the time of one image, so batching
+        multiplies its throughput. A CPU runs it in 8 times the time of one
+        (bench.model_latency): no throughput is gained, and after a hiccup the
+        queue turns into batches whose every image waits for all eight, which
+        made the soak's tail latency several times worse (docs/performance.md).
+        """
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        gpu = self.runtime.current.provider in GPU_PROVIDERS
+        return DEFAULT_GPU_BATCH if gpu else 1
+
     async def _collect(self) -> list[_Job]:
         batch = [await self.queue.get()]
         deadline = batch[0].enqueued + self.max_queue_delay_s
-        while len(batch) < self.max_batch_size:
+        limit = self.batch_limit()
+        while len(batch) < limit:
             try:
                 batch.append(self.queue.get_nowait())
                 continue

@@ -38,7 +38,9 @@ class Settings(BaseSettings):
     intra_op_spinning: bool = False
     # Dynamic batching, like Triton's: a batch closes when it is full or when
     # its first request has waited max_queue_delay_ms.
-    max_batch_size: int = Field(8, ge=1)
+    # Unset: 8 where the model runs on a GPU provider, 1 on the CPU, where a
+    # batch takes as long as its images one by one (service/batcher.py).
+    max_batch_size: int | None = Field(None, ge=1)
     max_queue_delay_ms: float = Field(2.0, ge=0)
     max_queue: int = Field(64, ge=1, description="images waiting; beyond it 503")
     max_batch_files: int = Field(32, ge=1, description="images in one /v1/inspect/batch")

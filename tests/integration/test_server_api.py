@@ -37,7 +37,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with run_server(models, tmp_path_factory.mktemp("logs")) as s:
+    # Batching set explicitly: on the CPU provider the default is one image a run.
+    with run_server(models, tmp_path_factory.mktemp("logs"), max_batch_size="8") as s:
         yield s
 
 

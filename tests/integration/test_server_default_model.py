@@ -134,6 +134,8 @@ def test_concurrent_clients_get_their_own_results(server: Server) -> None:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(call, range(32)))
     assert [r.status_code for _, r in answers] == [200] * 32
+    # On the CPU provider the server runs one image at a time by default.
+    assert {r.json()["batch_size"] for _, r in answers} == {1}
     for i, r in answers:
         got = r.json()
         assert got["verdict"] == single[i]["verdict"]
