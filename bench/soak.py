@@ -16,9 +16,43 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import httpx
+
 from bench import loadgen
 from bench.common import Timing, write_json
 from bench.http_load import CORES, drive, rss_mb, sample_image, serving
+from tests.helpers.server import Server
+
+
+def _server_seconds(server: Server) -> dict[str, float]:
+    """Sums and counts of the server's inference and decode histograms."""
+    text = httpx.get(f"{server.base}/metrics", timeout=10).text
+    out: dict[str, float] = {}
+    for stage in ("inference", "decode"):
+        for part in ("sum", "count"):
+            name = f"inspection_{stage}_duration_seconds_{part}"
+            out[f"{stage}_{part}"] = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith(name + "{") or line.startswith(name + " ")
+            )
+    return out
+
+
+def _per_image(counters: list[tuple[float, dict[str, float]]], from_s: float) -> dict[str, float]:
+    """Mean server inference and decode ms per image between the samples around a window."""
+    before = max((c for c in counters if c[0] <= from_s + 1), key=lambda c: c[0])[1]
+    after = min((c for c in counters if c[0] >= from_s + 9), key=lambda c: c[0], default=None)
+    if after is None:
+        return {}
+    out = {}
+    for stage in ("inference", "decode"):
+        n = after[1][f"{stage}_count"] - before[f"{stage}_count"]
+        if n > 0:
+            out[f"{stage}_ms"] = round(
+                1000 * (after[1][f"{stage}_sum"] - before[f"{stage}_sum"]) / n, 1
+            )
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,10 +76,18 @@ def main(argv: list[str] | None = None) -> None:
         peak = drive(server, data, 16, 10.0, 10_000)["throughput_per_s"]
         rate = args.load * peak
         rss = [(0.0, rss_mb(server))]
+        # The server's own inference and decode time, read from /metrics
+        # every 10 s: when the machine slows down (other tenants on the
+        # host), inference per image grows and the fixed offered rate turns
+        # into overload; a slow server with a steady machine shows a queue
+        # with inference time flat.
+        counters = [(0.0, _server_seconds(server))]
 
         def sample_rss(elapsed: float) -> None:
             if elapsed >= rss[-1][0] + 5.0:
                 rss.append((round(elapsed, 1), rss_mb(server)))
+            if elapsed >= counters[-1][0] + 10.0:
+                counters.append((elapsed, _server_seconds(server)))
 
         run = loadgen.open_loop(loadgen.Target(server.base, data), rate, args.seconds, sample_rss)
         rss.append((round(run.wall_s, 1), rss_mb(server)))
@@ -57,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         by_window.setdefault(int(at // 10), []).append(ms)
     windows = [
         {"from_s": 10 * w, "n": len(v), "p50_ms": round(Timing(v).p50, 1),
-         "p99_ms": round(Timing(v).p99, 1), "max_ms": round(max(v), 1)}
+         "p99_ms": round(Timing(v).p99, 1), "max_ms": round(max(v), 1),
+         **_per_image(counters, 10 * w)}
         for w, v in sorted(by_window.items())
     ]  # fmt: skip
     start, end = rss[0][1], rss[-1][1]

@@ -9,9 +9,9 @@ Stages (each reads what the previous one wrote under --work):
   family is fitted on the rest -> ``checkpoint.pt``. P-WAE also keeps
   ``train_state.pt`` after every epoch and resumes from it.
 * ``calibrate``: e0..e9 on the held-out defect-free images -> eps0..eps9 for a
-  target false-positive rate of the whole rule, and the validation figures of
-  those images with synthetic defects (model_export/validation.py), the
-  figure configurations are chosen by -> ``calibration.json``.
+  target false-positive rate of the whole rule, and, from the same images
+  with synthetic defects pasted in, the validation AUROC that configurations
+  are chosen by (model_export/validation.py) -> ``calibration.json``.
 * ``evaluate``: test/ -> image AUROC and max balanced accuracy of
   max_k(ek/epsk), AUROC of e0, confusion matrix of the rule, pixel AUROC, PRO
   -> ``evaluation.json``, ``per_image.json``, ``summary.md`` and PNG plots.
@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.stage in ("evaluate", "run"):
         evaluate(args.work)
     if args.stage == "export" and args.out is None:
-        ap.error("--export models/<name>/<version> is needed to export")
+        ap.error("--export models/<name>[/<version>] is needed to export")
     if args.out is not None and args.stage in ("export", "run"):
         export(args.work, version_dir(args.out))
     elif args.stage == "run":
