@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> None:
         # with inference time flat.
         counters = [(0.0, _server_seconds(server))]
 
-        def sample_rss(elapsed: float) -> None:
+        def sample(elapsed: float) -> None:
             if elapsed >= rss[-1][0] + 5.0:
                 rss.append((round(elapsed, 1), rss_mb(server)))
             if elapsed >= counters[-1][0] + 10.0:
                 counters.append((elapsed, _server_seconds(server)))
 
-        run = loadgen.open_loop(loadgen.Target(server.base, data), rate, args.seconds, sample_rss)
+        run = loadgen.open_loop(loadgen.Target(server.base, data), rate, args.seconds, sample)
         rss.append((round(run.wall_s, 1), rss_mb(server)))
     t = Timing(run.latencies_ms)
     # Latency per 10 s of the run: a queue that builds steadily and one
