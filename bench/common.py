@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -91,6 +92,21 @@ def repeat(
         fn()
         samples.append((time.perf_counter() - t0) * 1000)
     return Timing(samples)
+
+
+def add_server_settings(ap: argparse.ArgumentParser) -> None:
+    """``--server-setting KEY=VALUE``, repeatable: INSPECTION_* settings of the started server."""
+    ap.add_argument(
+        "--server-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an INSPECTION_* setting for the server, e.g. intra_op_spinning=true",
+    )
+
+
+def server_settings(args: argparse.Namespace) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in args.server_setting)
 
 
 def command() -> str:

@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 
 from bench import loadgen
-from bench.common import Timing, print_table, repeat, write_json
+from bench.common import (
+    Timing,
+    add_server_settings,
+    print_table,
+    repeat,
+    server_settings,
+    write_json,
+)
 from service.artifact import DEFAULT_PROVIDERS, load_artifact
 from service.contract import INPUT_NAME
 from service.preprocessing import prepare
@@ -101,16 +108,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="per setting")
     ap.add_argument("--max-requests", type=int, default=5000, help="per setting")
     ap.add_argument("--out", default="http_load")
-    ap.add_argument(
-        "--server-setting",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an INSPECTION_* setting for the server, e.g. intra_op_spinning=true",
-    )
+    add_server_settings(ap)
     args = ap.parse_args(argv)
     data, source = sample_image()
-    extra = dict(item.split("=", 1) for item in args.server_setting)
+    extra = server_settings(args)
 
     art = load_artifact(args.model_dir, DEFAULT_PROVIDERS)
     meta = art.metadata

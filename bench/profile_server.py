@@ -21,7 +21,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from bench.common import RESULTS, print_table, write_json
+from bench.common import RESULTS, add_server_settings, print_table, server_settings, write_json
 from bench.http_load import drive, sample_image, serving
 
 # (bucket, substrings of a frame "function (file:line)"), matched innermost first.
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
     ap.add_argument("--out", default="profile_server")
-    ap.add_argument("--server-setting", action="append", default=[], metavar="KEY=VALUE")
+    add_server_settings(ap)
     args = ap.parse_args(argv)
     py_spy = shutil.which("py-spy")
     if py_spy is None:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     data, source = sample_image()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stacks_path = RESULTS / f"{args.out}.stacks.txt"
-    settings = dict(s.split("=", 1) for s in args.server_setting)
+    settings = server_settings(args)
     with serving(args.model_dir, **settings) as server:
         drive(server, data, args.clients, 2.0, 10_000)  # warm-up
         spy = subprocess.Popen(

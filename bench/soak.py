@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from bench import loadgen
-from bench.common import Timing, write_json
+from bench.common import Timing, add_server_settings, server_settings, write_json
 from bench.http_load import CORES, drive, rss_mb, sample_image, serving
 from tests.helpers.server import Server
 
@@ -61,16 +61,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--load", type=float, default=0.8, help="fraction of the maximum throughput")
     ap.add_argument("--out", default="soak")
-    ap.add_argument(
-        "--server-setting",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an INSPECTION_* setting for the server, e.g. max_batch_size=1",
-    )
+    add_server_settings(ap)
     args = ap.parse_args(argv)
     data, source = sample_image()
-    settings = {"max_queue": "256", **dict(s.split("=", 1) for s in args.server_setting)}
+    settings = {"max_queue": "256", **server_settings(args)}
     with serving(args.model_dir, **settings) as server:
         drive(server, data, 16, 3.0, 10_000)  # warm-up
         peak = drive(server, data, 16, 10.0, 10_000)["throughput_per_s"]

@@ -355,12 +355,7 @@ class PWAE(nn.Module):
     @torch.no_grad()
     def fit_error_statistics(self, images: torch.Tensor, batch: int = 16) -> None:
         """Per-pixel mean and floored std of the raw error map over ``images``."""
-        maps = torch.cat(
-            [
-                self.raw_error_map(x, self.decode(self.encode(self.tiles(x))))
-                for x in images.split(batch)
-            ]
-        )
+        maps = torch.cat([self.raw_error_map(x, self.reconstruct(x)) for x in images.split(batch)])
         std = maps.std(0)
         self.error_mean.copy_(maps.mean(0))
         self.error_std.copy_(std.clamp_min(self.config.error_std_floor * float(std.mean())))
@@ -378,8 +373,12 @@ class PWAE(nn.Module):
             err = F.conv2d(F.pad(err, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
         return err[:, 0]
 
+    def reconstruct(self, image: torch.Tensor) -> torch.Tensor:
+        """Image (N, 3, 300, 300) -> its reconstruction, tiles in their true order."""
+        return self.decode(self.encode(self.tiles(image)))
+
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        recon = self.decode(self.encode(self.tiles(image)))
+        recon = self.reconstruct(image)
         amap = self.error_map(image, recon)
         reduce = tiler.tile_means if self.config.tile_error == "mean" else tiler.tile_maxima
         return amap.mean((1, 2)), reduce(amap, GRID, GRID), amap
