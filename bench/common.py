@@ -117,10 +117,14 @@ def command() -> str:
     return shlex.join(["python", "-m", f"bench.{Path(sys.argv[0]).stem}", *sys.argv[1:]])
 
 
+OUT_HELP = "results file: a name under bench/results, or a path ending in .json"
+
+
 def write_json(name: str, payload: dict[str, Any]) -> Path:
-    """bench/results/<name>.json: the payload, the machine and the command that measured it."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    """bench/results/<name>.json, or ``name`` itself where it is a path ending in
+    .json: the payload, the machine and the command that measured it."""
+    path = Path(name) if name.endswith(".json") else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     record = {"machine": machine(), "command": command(), **payload}
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path

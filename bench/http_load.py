@@ -27,6 +27,7 @@ import numpy as np
 
 from bench import loadgen
 from bench.common import (
+    OUT_HELP,
     Timing,
     add_server_settings,
     print_table,
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--seconds", type=float, default=10.0, help="per setting")
     ap.add_argument("--max-requests", type=int, default=5000, help="per setting")
-    ap.add_argument("--out", default="http_load")
+    ap.add_argument("--out", default="http_load", help=OUT_HELP)
     add_server_settings(ap)
     args = ap.parse_args(argv)
     data, source = sample_image()

@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from bench.common import print_table, repeat, write_json
+from bench.common import OUT_HELP, print_table, repeat, write_json
 from service.artifact import DEFAULT_PROVIDERS, load_artifact
 from service.contract import INPUT_NAME
 from service.preprocessing import prepare
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--budget-s", type=float, default=2.0)
-    ap.add_argument("--out", default="image_growth")
+    ap.add_argument("--out", default="image_growth", help=OUT_HELP)
     args = ap.parse_args(argv)
     art = load_artifact(args.model_dir, DEFAULT_PROVIDERS)
     meta = art.metadata

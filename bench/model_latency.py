@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import print_table, repeat, write_json
+from bench.common import OUT_HELP, print_table, repeat, write_json
 from service.artifact import DEFAULT_PROVIDERS, load_artifact
 from service.contract import INPUT_NAME
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="CHECKPOINT",
         help="also time torch eager from this training checkpoint (repeatable)",
     )
-    ap.add_argument("--out", default="model_latency")
+    ap.add_argument("--out", default="model_latency", help=OUT_HELP)
     args = ap.parse_args(argv)
     sizes = tuple(int(s) for s in args.batch_sizes.split(","))
     results = []

@@ -21,7 +21,14 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from bench.common import RESULTS, add_server_settings, print_table, server_settings, write_json
+from bench.common import (
+    OUT_HELP,
+    RESULTS,
+    add_server_settings,
+    print_table,
+    server_settings,
+    write_json,
+)
 from bench.http_load import drive, sample_image, serving
 
 # (bucket, substrings of a frame "function (file:line)"), matched innermost first.
@@ -57,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--rate", type=int, default=200, help="py-spy samples per second")
-    ap.add_argument("--out", default="profile_server")
+    ap.add_argument("--out", default="profile_server", help=OUT_HELP)
     add_server_settings(ap)
     args = ap.parse_args(argv)
     py_spy = shutil.which("py-spy")

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from bench import loadgen
-from bench.common import Timing, add_server_settings, server_settings, write_json
+from bench.common import OUT_HELP, Timing, add_server_settings, server_settings, write_json
 from bench.http_load import CORES, drive, rss_mb, sample_image, serving
 from tests.helpers.server import Server
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--load", type=float, default=0.8, help="fraction of the maximum throughput")
-    ap.add_argument("--out", default="soak")
+    ap.add_argument("--out", default="soak", help=OUT_HELP)
     add_server_settings(ap)
     args = ap.parse_args(argv)
     data, source = sample_image()

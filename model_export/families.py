@@ -39,10 +39,12 @@ def _pwae() -> Family:
     from model_export import pwae
 
     def describe(cfg: pwae.PWAEConfig) -> dict[str, str | int | float | bool]:
+        cells = pwae.latent_cells(cfg.encoder_stride)
         return {
             "backbone": cfg.backbone,
             "encoder": "frozen" if cfg.freeze_encoder else "fine-tuned",
-            "latent": f"{cfg.latent_channels} x 7 x 7 per tile",
+            "latent": f"{cfg.latent_channels} x {cells} x {cells} per tile",
+            "latent_norm": "batch norm, affine" if cfg.latent_affine else "batch norm",
             "prior": f"T(nu={cfg.prior_nu}, mu=k*{cfg.prior_mu_step}, sigma={cfg.prior_sigma})",
             "permutations": cfg.permutations,
             "epochs": cfg.epochs,

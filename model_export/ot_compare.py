@@ -58,9 +58,11 @@ HOW = """
   config, the same for both categories.
 * P-WAE (`python -m model_export run --family pwae --data <category> --work
   runs/<name> --export <artifact>`): the default recipe, chosen on held-out
-  images with synthetic defects (`models/bottle-pwae/2`; 8 epochs on the
-  magnetic tiles), and the paper's own recipe, `--preset paper`
-  (`models/bottle-pwae/1`); docs/pwae-experiments.md has both.
+  images with synthetic defects (`models/bottle-pwae/3`; 8 epochs on the
+  magnetic tiles), the first default with a latent of 8 channels
+  (`models/bottle-pwae/2`, `--set latent_channels=8`) and the paper's own
+  recipe, `--preset paper` (`models/bottle-pwae/1`);
+  docs/pwae-experiments.md has all three.
 * Artifacts under `models/` are committed; those under `runs/` are local run
   outputs (gitignored) that the commands above make again.
 """

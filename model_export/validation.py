@@ -72,6 +72,22 @@ def inject_defect(
     return out, mask > 0
 
 
+def synthetic_defectives(
+    holdout: Sequence[Path], seed: int = 0, per_image: int = 2, spec: InputSpec | None = None
+) -> list[torch.Tensor]:
+    """``per_image`` copies of each held-out image, each with one synthetic
+    defect, prepared as the model's (3, H, W) input; the same under a seed."""
+    spec = spec or InputSpec()
+    rng = np.random.default_rng(seed)
+    defective = []
+    for path in holdout:
+        rgb = prepare(path.read_bytes(), spec).rgb
+        for _ in range(per_image):
+            img, _ = inject_defect(rgb, rng)
+            defective.append(torch.from_numpy(normalise(img.astype(np.float32) / 255, spec)))
+    return defective
+
+
 def synthetic_validation(
     model: nn.Module,
     holdout: Sequence[Path],
@@ -88,15 +104,7 @@ def synthetic_validation(
     """
     from sklearn.metrics import roc_auc_score
 
-    spec = spec or InputSpec()
-    rng = np.random.default_rng(seed)
-    defective = []
-    for path in holdout:
-        rgb = prepare(path.read_bytes(), spec).rgb
-        for _ in range(per_image):
-            img, _ = inject_defect(rgb, rng)
-            defective.append(torch.from_numpy(normalise(img.astype(np.float32) / 255, spec)))
-    errors, _ = score_tensors(model, defective)
+    errors, _ = score_tensors(model, synthetic_defectives(holdout, seed, per_image, spec))
     good = (holdout_errors / eps).max(axis=1)
     bad = (errors / eps).max(axis=1)
     labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]

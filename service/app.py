@@ -270,6 +270,16 @@ def _respond(
     return body, d
 
 
+async def _inspect_one(
+    request: Request, runtime: ModelRuntime, batcher: Batcher, metrics: Metrics, heatmap: bool
+) -> tuple[PreparedImage, Scored, InspectResponse, Decision]:
+    """The single-image routes: read the body, score it, build the response."""
+    data = await _image_bytes(request)
+    prepared, scored, decode_s = await _score(data, runtime, batcher, metrics)
+    body, d = _respond(request, prepared, scored, decode_s, heatmap, metrics)
+    return prepared, scored, body, d
+
+
 def _overlay(prepared: PreparedImage, scored: Scored, d: Decision) -> Any:
     meta = scored.artifact.metadata
     return overlay(
@@ -309,9 +319,7 @@ async def inspect(
     heatmap: Annotated[bool, Query(description="include the overlay PNG, base64")] = False,
 ) -> InspectResponse:
     """Verdict, whole-image and per-tile errors against their thresholds, timings."""
-    data = await _image_bytes(request)
-    prepared, scored, decode_s = await _score(data, runtime, batcher, metrics)
-    body, _ = _respond(request, prepared, scored, decode_s, heatmap, metrics)
+    _, _, body, _ = await _inspect_one(request, runtime, batcher, metrics, heatmap)
     return body
 
 
@@ -326,9 +334,7 @@ async def inspect_heatmap(
     request: Request, runtime: RuntimeDep, batcher: BatcherDep, metrics: MetricsDep
 ) -> Response:
     """The anomaly map in colour over the part, tile grid drawn, defective tiles in red."""
-    data = await _image_bytes(request)
-    prepared, scored, decode_s = await _score(data, runtime, batcher, metrics)
-    _, d = _respond(request, prepared, scored, decode_s, False, metrics)
+    prepared, scored, _, d = await _inspect_one(request, runtime, batcher, metrics, False)
     return Response(
         to_png(_overlay(prepared, scored, d)),
         media_type="image/png",

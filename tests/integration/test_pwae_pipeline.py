@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from model_export import cli
+from model_export import cli, paired_validation
 from model_export.data import split_train
 from model_export.pwae import PAPER
 from service.artifact import load_artifact
@@ -95,6 +95,20 @@ def test_training_is_deterministic_under_a_seed(synthetic: Path, tmp_path: Path)
     wa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["state_dict"]
     wc = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=False)["state_dict"]
     assert not torch.equal(wa["decoder.0.1.weight"], wc["decoder.0.1.weight"])
+    # Candidates compared on the same synthetic defects: the twin differs by
+    # exactly nothing, the other seed by something.
+    good, bad, _ = paired_validation.compare(
+        [tmp_path / "a", tmp_path / "b", tmp_path / "c"], per_image=2, seed=3, target_fpr=0.01
+    )
+    assert good.shape[0] == bad.shape[0] == 3 and bad.shape[1] == 2 * good.shape[1]
+    np.testing.assert_array_equal(good[0], good[1])
+    np.testing.assert_array_equal(bad[0], bad[1])
+    assert not np.array_equal(bad[0], bad[2])
+    # Another hold-out split is refused: its held-out images are not the same.
+    cli.main(["train", "--family", "pwae", "--data", str(synthetic), "--work", str(tmp_path / "d"),
+              *SMALL, "--seed", "1"])  # fmt: skip
+    with pytest.raises(SystemExit, match="another split"):
+        paired_validation.main([str(tmp_path / "a"), str(tmp_path / "d")])
 
 
 def test_paper_preset_trains_the_papers_recipe(synthetic: Path, tmp_path: Path) -> None:

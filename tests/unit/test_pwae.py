@@ -100,6 +100,7 @@ def test_paper_preset_keeps_the_papers_recipe() -> None:
     # The default departs from it only in the choices made on validation figures.
     default, paper = PWAEConfig().to_dict(), PAPER.to_dict()
     assert {k for k in default if default[k] != paper[k]} == {
+        "latent_channels",
         "swd_on",
         "error_normalisation",
         "tile_error",
@@ -123,6 +124,29 @@ def test_a_training_step_has_finite_losses_and_gradients(error_space: str) -> No
         e0, tiles, amap = model(x)
     assert e0.shape == (2,) and tiles.shape == (2, 9) and amap.shape == (2, 300, 300)
     assert torch.isfinite(amap).all() and (amap >= 0).all()
+
+
+def test_encoder_stride_sets_the_latent_map_and_affine_lets_the_prior_be_reached() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 300, 300, generator=_gen())
+    for stride, cells in ((16, 7), (8, 13)):
+        model = PWAE(PWAEConfig(permutations=24, encoder_stride=stride, latent_channels=4)).eval()
+        with torch.no_grad():
+            z = model.encode(model.tiles(x))
+            assert z.shape == (2, 9, 4, cells, cells)
+            assert model.decode(z).shape == (2, 3, 300, 300)
+    # Without its affine part the latent's batch norm centres every channel
+    # over the nine tiles, so the mean of the codes cannot follow the priors'
+    # means 1..9; with it, a learnt shift can.
+    plain = PWAE(PWAEConfig(permutations=24)).train()
+    affine = PWAE(PWAEConfig(permutations=24, latent_affine=True)).train()
+    assert not any(p.requires_grad for p in plain.to_latent[1].parameters())
+    with torch.no_grad():
+        affine.to_latent[1].bias.fill_(5.0)  # type: ignore[union-attr]
+        plain_codes = plain.encode(plain.tiles(x)).mean((3, 4))
+        affine_codes = affine.encode(affine.tiles(x)).mean((3, 4))
+    assert plain_codes.mean().abs() < 1e-4
+    assert affine_codes.mean() == pytest.approx(5.0, abs=1e-4)
 
 
 def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path: Path) -> None:

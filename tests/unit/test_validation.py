@@ -11,7 +11,13 @@ from torch import nn
 
 from model_export.data import load_tensor
 from model_export.evaluation import score
-from model_export.validation import DEFECT_KINDS, inject_defect, synthetic_validation
+from model_export.paired_validation import paired_auroc_difference
+from model_export.validation import (
+    DEFECT_KINDS,
+    inject_defect,
+    synthetic_defectives,
+    synthetic_validation,
+)
 from service import tiler
 from tests.helpers.synthetic import encode_png, good_image
 
@@ -73,3 +79,26 @@ def test_validation_separates_defects_a_model_can_see(tmp_path: Path) -> None:
     # A model blind to everything scores chance.
     flat = synthetic_validation(_Blind(), paths, np.ones((6, 10)), np.ones(10), seed=0)
     assert flat["synthetic_auroc"] == 0.5
+
+
+def test_synthetic_defectives_are_the_same_under_a_seed(tmp_path: Path) -> None:
+    path = tmp_path / "part.png"
+    path.write_bytes(encode_png(good_image(np.random.default_rng(2))))
+    first = synthetic_defectives([path], seed=5, per_image=3)
+    again = synthetic_defectives([path], seed=5, per_image=3)
+    other = synthetic_defectives([path], seed=6, per_image=3)
+    assert len(first) == 3 and first[0].shape == (3, 300, 300)
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_paired_difference_is_zero_for_a_copy_and_positive_for_a_better_model() -> None:
+    rng = np.random.default_rng(0)
+    good, bad = rng.normal(0, 1, 40), rng.normal(1, 1, 80)  # a fair model: AUROC ~0.76
+    perfect_good, perfect_bad = good - 10, bad + 10  # separates every pair
+    diffs = paired_auroc_difference(
+        np.stack([good, good, perfect_good]), np.stack([bad, bad, perfect_bad]), resamples=200
+    )
+    assert diffs.shape == (200, 2)
+    assert np.all(diffs[:, 0] == 0), "a candidate identical to the base differs by nothing"
+    assert np.quantile(diffs[:, 1], 0.05) > 0.1
