@@ -5,6 +5,16 @@ from __future__ import annotations
 import numpy as np
 
 
+def rule_score(errors: np.ndarray, eps: np.ndarray) -> np.ndarray:
+    """(N, 10) errors -> (N,) continuous scores max_k(ek / epsk); above 1 is defective."""
+    return np.asarray((errors / eps).max(axis=-1))
+
+
+def rule_flags(errors: np.ndarray, eps: np.ndarray) -> np.ndarray:
+    """(N, 10) errors -> (N,) the paper's rule: defective where any ek > epsk."""
+    return np.asarray((errors > eps).any(axis=-1))
+
+
 def calibrate_thresholds(errors: np.ndarray, target_fpr: float) -> tuple[np.ndarray, float]:
     """One quantile level q for all columns, the lowest whose rule meets the target.
 
@@ -13,7 +23,7 @@ def calibrate_thresholds(errors: np.ndarray, target_fpr: float) -> tuple[np.ndar
     """
 
     def rule_fpr(eps: np.ndarray) -> float:
-        return float((errors > eps).any(axis=1).mean())
+        return float(rule_flags(errors, eps).mean())
 
     lo, hi = 0.5, 1.0
     for _ in range(40):

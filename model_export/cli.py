@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model_export.calibration import calibrate_thresholds
+from model_export.calibration import calibrate_thresholds, rule_flags, rule_score
 from model_export.data import fingerprint, load_tensor, split_train, test_set
 from model_export.evaluation import evaluate_scores, score
 from model_export.families import get_family, load_checkpoint
@@ -144,10 +144,10 @@ def evaluate(work: Path) -> dict[str, float]:
         {
             "image": str(p.relative_to(data)),
             "label": "defective" if y else "defect_free",
-            "verdict": "defective" if bool((e > eps).any()) else "defect_free",
+            "verdict": "defective" if bool(rule_flags(e, eps)) else "defect_free",
             "e0": float(e[0]),
             "tile_errors": [float(v) for v in e[1:]],
-            "score": float((e / eps).max()),
+            "score": float(rule_score(e, eps)),
         }
         for (p, y, _), e in zip(items, errors, strict=True)
     ]

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model_export.calibration import rule_flags, rule_score
 from model_export.data import load_tensor
 
 
@@ -96,8 +97,8 @@ def evaluate_scores(
 ) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 
-    ratio = (errors / eps).max(axis=1)  # the continuous score max_k(ek / epsk)
-    predicted = (errors > eps).any(axis=1)
+    ratio = rule_score(errors, eps)
+    predicted = rule_flags(errors, eps)
     metrics = {
         "image_auroc": float(roc_auc_score(labels, ratio)),
         "image_auroc_e0": float(roc_auc_score(labels, errors[:, 0])),

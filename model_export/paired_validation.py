@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model_export.calibration import calibrate_thresholds
+from model_export.calibration import calibrate_thresholds, rule_flags, rule_score
 from model_export.evaluation import score, score_tensors
 from model_export.families import load_checkpoint
 from model_export.validation import synthetic_defectives
@@ -72,9 +72,9 @@ def compare(
         held_errors, _ = score(model, hold)
         eps, _ = calibrate_thresholds(held_errors, target_fpr)
         bad_errors, _ = score_tensors(model, defectives)
-        goods.append((held_errors / eps).max(axis=1))
-        bads.append((bad_errors / eps).max(axis=1))
-        detected.append(float((bad_errors > eps).any(axis=1).mean()))
+        goods.append(rule_score(held_errors, eps))
+        bads.append(rule_score(bad_errors, eps))
+        detected.append(float(rule_flags(bad_errors, eps).mean()))
     return np.stack(goods), np.stack(bads), detected
 
 

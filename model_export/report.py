@@ -8,6 +8,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from model_export.calibration import rule_score
+
 PAPER = {
     "pwae": "P-WAE paper, bottle: image AUROC 0.99, balanced accuracy 0.99",
     "ot_prototypes": "OT prototypes paper, MVTec AD mean: image AUROC 0.973, pixel AUROC 0.976",
@@ -29,7 +31,7 @@ def write_plots(
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    score = (errors / eps).max(axis=1)
+    score = rule_score(errors, eps)
     fpr, tpr, _ = roc_curve(labels, score)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot(fpr, tpr, label=f"max_k e_k/eps_k (AUROC {roc_auc_score(labels, score):.3f})")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model_export.calibration import rule_flags, rule_score
 from model_export.evaluation import score_tensors
 from service.contract import InputSpec
 from service.preprocessing import normalise, prepare
@@ -105,14 +106,14 @@ def synthetic_validation(
     from sklearn.metrics import roc_auc_score
 
     errors, _ = score_tensors(model, synthetic_defectives(holdout, seed, per_image, spec))
-    good = (holdout_errors / eps).max(axis=1)
-    bad = (errors / eps).max(axis=1)
+    good = rule_score(holdout_errors, eps)
+    bad = rule_score(errors, eps)
     labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]
     return {
         "synthetic_auroc": float(roc_auc_score(labels, np.r_[good, bad])),
         "synthetic_auroc_e0": float(
             roc_auc_score(labels, np.r_[holdout_errors[:, 0], errors[:, 0]])
         ),
-        "synthetic_detected": float((errors > eps).any(axis=1).mean()),
+        "synthetic_detected": float(rule_flags(errors, eps).mean()),
         "synthetic_images": float(len(bad)),
     }
