@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from model_export.calibration import calibrate_thresholds, rule_flags, rule_score
-from model_export.data import fingerprint, load_tensor, split_train, test_set
+from model_export.data import checkpoint_split, fingerprint, load_tensor, split_train, test_set
 from model_export.evaluation import evaluate_scores, score
 from model_export.families import get_family, load_checkpoint
 from model_export.report import write_plots, write_summary
@@ -103,8 +103,7 @@ def train(
 
 def calibrate(work: Path, target_fpr: float) -> None:
     _, _, model, ckpt = load_checkpoint(work / CHECKPOINT)
-    data = Path(ckpt["data"])
-    hold = [data / "train" / "good" / n for n in ckpt["holdout"]]
+    hold = checkpoint_split(ckpt, "holdout")
     errors, _ = score(model, hold)
     eps, achieved = calibrate_thresholds(errors, target_fpr)
     validation = synthetic_validation(model, hold, errors, eps, seed=ckpt["split_seed"])
@@ -166,7 +165,7 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
     cal = _load(work, "calibration.json")
     ev = _load(work, "evaluation.json") if (work / "evaluation.json").is_file() else None
     data = Path(ckpt["data"])
-    fit_paths = [data / "train" / "good" / n for n in ckpt["fit"]]
+    fit_paths = checkpoint_split(ckpt, "fit")
     manifest_path = data / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     onnx_bytes = family.to_onnx(model)
@@ -213,7 +212,7 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
         # against (the server's integration test does).
         (out / "evaluation.json").write_text((work / "per_image.json").read_text())
     # The proof: onnxruntime and torch agree on held-out defect-free images.
-    hold = [data / "train" / "good" / n for n in ckpt["holdout"][:4]]
+    hold = checkpoint_split(ckpt, "holdout")[:4]
     x = torch.stack([load_tensor(p) for p in hold])
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     got = sess.run(None, {"image": x.numpy()})

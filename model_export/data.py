@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -37,6 +38,13 @@ def split_train(
     hold = sorted(paths[i] for i in perm[:n_hold])
     fit_paths = sorted(paths[i] for i in perm[n_hold:])
     return fit_paths, hold
+
+
+def checkpoint_split(ckpt: dict[str, Any], part: str) -> list[Path]:
+    """The train/good images a training checkpoint recorded as ``part``
+    ("fit" or "holdout"), under the category it was trained on."""
+    good = Path(ckpt["data"]) / "train" / "good"
+    return [good / name for name in ckpt[part]]
 
 
 def load_tensor(path: Path, spec: InputSpec | None = None) -> torch.Tensor:

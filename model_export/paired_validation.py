@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from model_export.calibration import calibrate_thresholds, rule_flags, rule_score
+from model_export.data import checkpoint_split
 from model_export.evaluation import score, score_tensors
 from model_export.families import load_checkpoint
 from model_export.validation import synthetic_defectives
@@ -66,7 +67,7 @@ def compare(
         if split is not None and this != split:
             raise SystemExit(f"{work} was trained on another split than {works[0]}")
         split = this
-        hold = [Path(ckpt["data"]) / "train" / "good" / n for n in ckpt["holdout"]]
+        hold = checkpoint_split(ckpt, "holdout")
         if defectives is None:
             defectives = synthetic_defectives(hold, seed, per_image)
         held_errors, _ = score(model, hold)
