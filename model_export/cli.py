@@ -28,23 +28,39 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from model_export.calibration import calibrate_thresholds, rule_flags, rule_score
-from model_export.data import checkpoint_split, fingerprint, load_tensor, split_train, test_set
+from model_export.data import (
+    category_spec,
+    checkpoint_spec,
+    checkpoint_split,
+    fingerprint,
+    load_tensor,
+    split_train,
+    test_set,
+)
 from model_export.evaluation import evaluate_scores, score
 from model_export.families import get_family, load_checkpoint
 from model_export.report import write_plots, write_summary
 from model_export.validation import synthetic_validation
 from service.artifact import next_version, write_artifact
+from service.calibration import (
+    METHOD,
+    conformal_thresholds,
+    error_scales,
+    images_for_target,
+    rule_flags,
+    rule_score,
+)
 from service.contract import (
     Calibration,
+    Codec,
     Evaluation,
-    InputSpec,
     ModelMetadata,
     Thresholds,
     TileGrid,
@@ -66,7 +82,13 @@ def _load(work: Path, name: str) -> Any:
 
 
 def train(
-    family_name: str, data: Path, work: Path, config: dict[str, Any], holdout: float, seed: int
+    family_name: str,
+    data: Path,
+    work: Path,
+    config: dict[str, Any],
+    holdout: float,
+    seed: int,
+    augment_codec: Codec | None = None,
 ) -> None:
     from tqdm import tqdm
 
@@ -75,7 +97,12 @@ def train(
     work.mkdir(parents=True, exist_ok=True)
     fit_paths, hold = split_train(data, holdout, seed)
     t0 = time.perf_counter()
-    images = [load_tensor(p) for p in fit_paths]
+    spec = category_spec(data)  # grey where every train/good image is single-channel
+    images = [load_tensor(p, spec) for p in fit_paths]
+    if augment_codec is not None:
+        # Each fit image also as the line camera encodes it: the model learns
+        # its artefacts as normal (P-WAE's per-pixel error statistics too).
+        images += [load_tensor(p, spec, augment_codec) for p in fit_paths]
     extra = {"checkpoint": work / "train_state.pt"} if family.resumable else {}
     epochs = int(getattr(cfg, "epochs", 1)) * max(1, len(getattr(cfg, "members", (0,))))
     with tqdm(total=len(images) * epochs, desc=family.name, unit="img", file=sys.stderr) as bar:
@@ -91,6 +118,8 @@ def train(
             "holdout": [p.name for p in hold],
             "holdout_fraction": holdout,
             "split_seed": seed,
+            "input": spec.model_dump(mode="json"),
+            "augment_codec": None if augment_codec is None else str(augment_codec),
             "train_seconds": seconds,
             "log": log if isinstance(log, dict) else {},
         },
@@ -101,25 +130,50 @@ def train(
     )
 
 
-def calibrate(work: Path, target_fpr: float) -> None:
+def calibrate(work: Path, target_fpr: float, codec: Codec | None = None) -> None:
+    """Conformal thresholds (service.calibration) on the held-out images.
+
+    The errors are normalised by their medians over the fit images, never the
+    held-out ones, so the promise on new good images is exact. Every image
+    first goes through the line camera's ``codec``.
+    """
     _, _, model, ckpt = load_checkpoint(work / CHECKPOINT)
+    codec = codec or Codec()
+    spec = checkpoint_spec(ckpt)
     hold = checkpoint_split(ckpt, "holdout")
-    errors, _ = score(model, hold)
-    eps, achieved = calibrate_thresholds(errors, target_fpr)
-    validation = synthetic_validation(model, hold, errors, eps, seed=ckpt["split_seed"])
+    errors, _ = score(model, hold, codec=codec, spec=spec)
+    fit_errors, _ = score(model, checkpoint_split(ckpt, "fit"), codec=codec, spec=spec)
+    cal = conformal_thresholds(errors, error_scales(fit_errors), target_fpr)
+    validation = synthetic_validation(
+        model, hold, errors, cal.eps, seed=ckpt["split_seed"], spec=spec, codec=codec
+    )
     _save(
         work,
         "calibration.json",
         {
-            "method": "holdout-common-quantile-bisection",
+            "method": METHOD,
             "target_fpr": target_fpr,
-            "achieved_fpr": achieved,
-            "holdout_images": len(hold),
-            "eps": eps.tolist(),
+            "achieved_fpr": cal.achieved_fpr,
+            "holdout_images": cal.images,
+            "promised_fpr": cal.promised_fpr,
+            "fpr_upper_90": cal.fpr_upper_90,
+            "images_for_target": images_for_target(target_fpr),
+            "scales": cal.scales.tolist(),
+            "score_threshold": cal.score_threshold,
+            "reference_score": cal.reference_score,
+            "codec": str(codec),
+            "eps": cal.eps.tolist(),
             "validation": validation,
         },
     )
-    print(f"eps0={eps[0]:.4g}, tiles {np.round(eps[1:], 4).tolist()}, held-out FPR {achieved:.3f}")
+    eps = cal.eps
+    print(f"eps0={eps[0]:.4g}, tiles {np.round(eps[1:], 4).tolist()} ({codec})")
+    print(
+        f"{cal.images} held-out images: false-reject rate on new good images at most "
+        f"{cal.promised_fpr:.2%} expected, {cal.fpr_upper_90:.2%} with 90% probability"
+    )
+    if (warning := cal.warning()) is not None:
+        print(f"warning: {warning}", file=sys.stderr)
     print(
         f"validation (held-out images with synthetic defects, no test image): "
         f"AUROC {validation['synthetic_auroc']:.3f}, "
@@ -133,12 +187,21 @@ def evaluate(work: Path) -> dict[str, float]:
     eps = np.asarray(cal["eps"])
     data = Path(ckpt["data"])
     items = test_set(data)
-    errors, maps = score(model, [p for p, _, _ in items])
+    # The test images as the calibrated camera would send them.
+    codec = Codec.parse(cal.get("codec", "png"))
+    errors, maps = score(model, [p for p, _, _ in items], codec=codec, spec=checkpoint_spec(ckpt))
     labels = np.array([y for _, y, _ in items])
     masks = np.stack([m for _, _, m in items])
     metrics = evaluate_scores(errors, maps, labels, masks, eps)
     metrics["good_images"] = float((labels == 0).sum())
     metrics["defective_images"] = float((labels == 1).sum())
+    if "promised_fpr" in cal:
+        print(
+            f"false rejects on test good images {metrics['false_reject_rate']:.2%} "
+            f"(promised at most {cal['promised_fpr']:.2%} expected, "
+            f"{cal['fpr_upper_90']:.2%} with 90% probability); "
+            f"detected {metrics['detection_rate']:.2%} of defective ones ({codec})"
+        )
     per_image = [
         {
             "image": str(p.relative_to(data)),
@@ -174,7 +237,7 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
         family=family.name,
         name=name or out.parent.name,
         version=int(out.name),
-        input=InputSpec(),
+        input=checkpoint_spec(ckpt),
         grid=TileGrid(),
         thresholds=Thresholds(eps0=eps[0], tiles=tuple(eps[1:])),
         calibration=Calibration(
@@ -184,6 +247,15 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
             holdout_images=cal["holdout_images"],
             holdout_fraction=ckpt["holdout_fraction"],
             split_seed=ckpt["split_seed"],
+            promised_fpr=cal.get("promised_fpr"),
+            fpr_upper_90=cal.get("fpr_upper_90"),
+            images_for_target=cal.get("images_for_target"),
+            scales=cal.get("scales"),
+            score_threshold=cal.get("score_threshold"),
+            reference_score=cal.get("reference_score"),
+            codec=Codec.parse(cal.get("codec", "png")),
+            calibrated_at=datetime.now(UTC),
+            images_sha256=fingerprint(checkpoint_split(ckpt, "holdout")),
         ),
         training_data=TrainingData(
             dataset=str(manifest.get("dataset", data.parent.name)),
@@ -204,6 +276,7 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
             **family.describe(cfg),
             **{f"validation_{k}": round(v, 4) for k, v in cal.get("validation", {}).items()},
             "train_seconds": round(float(ckpt["train_seconds"]), 1),
+            **({"augment_codec": ckpt["augment_codec"]} if ckpt.get("augment_codec") else {}),
         },
     )
     write_artifact(out, onnx_bytes, metadata)
@@ -213,7 +286,7 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
         (out / "evaluation.json").write_text((work / "per_image.json").read_text())
     # The proof: onnxruntime and torch agree on held-out defect-free images.
     hold = checkpoint_split(ckpt, "holdout")[:4]
-    x = torch.stack([load_tensor(p) for p in hold])
+    x = torch.stack([load_tensor(p, metadata.input) for p in hold])
     sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
     got = sess.run(None, {"image": x.numpy()})
     with torch.no_grad():
@@ -255,7 +328,24 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--holdout", type=float, default=0.2, help="fraction of train/good held out")
     ap.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")
-    ap.add_argument("--target-fpr", type=float, default=0.01)
+    ap.add_argument(
+        "--target-fpr",
+        type=float,
+        default=0.01,
+        help="false-reject rate to promise on new good images (calibrate)",
+    )
+    ap.add_argument(
+        "--augment-codec",
+        type=Codec.parse,
+        help="train: add each fit image also passed through this codec, e.g. jpeg:90",
+    )
+    ap.add_argument(
+        "--codec",
+        type=Codec.parse,
+        default=Codec(),
+        help="what the line's camera sends, e.g. png or jpeg:90; calibration "
+        "and evaluation pass their images through it (default png)",
+    )
     return ap
 
 
@@ -276,9 +366,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         for item in args.set:
             key, _, value = item.partition("=")
             config[key] = json.loads(value)
-        train(args.family, args.data, args.work, config, args.holdout, args.seed)
+        train(
+            args.family, args.data, args.work, config, args.holdout, args.seed, args.augment_codec
+        )
     if args.stage in ("calibrate", "run"):
-        calibrate(args.work, args.target_fpr)
+        calibrate(args.work, args.target_fpr, args.codec)
     if args.stage in ("evaluate", "run"):
         evaluate(args.work)
     if args.stage == "export" and args.out is None:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 import torch
 
-from service.contract import InputSpec
-from service.preprocessing import prepare
+from service.codec import apply_codec
+from service.contract import Codec, InputSpec
+from service.preprocessing import is_greyscale, prepare
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -47,8 +48,42 @@ def checkpoint_split(ckpt: dict[str, Any], part: str) -> list[Path]:
     return [good / name for name in ckpt[part]]
 
 
-def load_tensor(path: Path, spec: InputSpec | None = None) -> torch.Tensor:
-    return torch.from_numpy(prepare(path.read_bytes(), spec or InputSpec()).tensor)
+def category_colour(category: Path) -> Literal["RGB", "grey"]:
+    """``grey`` if every train/good image file is single-channel (grey, or
+    grey with alpha), else ``RGB``. A grey model takes the luma of colour images; an
+    RGB model refuses grey ones, here as on the server (service.preprocessing),
+    so an RGB category's stray grey image stops training rather than being
+    fitted as colour."""
+    paths = _images(category / "train" / "good")
+    if not paths:
+        raise ValueError(f"{category}/train/good has no images")
+    return "grey" if all(is_greyscale(p.read_bytes()) for p in paths) else "RGB"
+
+
+def category_spec(category: Path, base: InputSpec | None = None) -> InputSpec:
+    """``base`` (the default InputSpec) with the category's colour."""
+    fields = (base or InputSpec()).model_dump()
+    return InputSpec.model_validate({**fields, "color": category_colour(category)})
+
+
+def checkpoint_spec(ckpt: dict[str, Any]) -> InputSpec:
+    """The InputSpec a training checkpoint was fitted with: the one it
+    recorded, or, for checkpoints from before colour was recorded, the
+    category's (a grey category's images gave the same tensors either way)."""
+    if "input" in ckpt:
+        return InputSpec.model_validate(ckpt["input"])
+    return category_spec(Path(ckpt["data"]))
+
+
+def load_tensor(
+    path: Path, spec: InputSpec | None = None, codec: Codec | None = None
+) -> torch.Tensor:
+    """The model's input for the image at ``path``, first passed through the
+    line camera's ``codec`` where one is given (calibration sees what the line sends)."""
+    data = path.read_bytes()
+    if codec is not None:
+        data = apply_codec(data, codec)
+    return torch.from_numpy(prepare(data, spec or InputSpec()).tensor)
 
 
 def fingerprint(paths: Sequence[Path]) -> str:

@@ -10,16 +10,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_export.calibration import rule_flags, rule_score
 from model_export.data import load_tensor
+from service.calibration import rule_flags, rule_score
+from service.contract import Codec, InputSpec
 
 
-def score(model: nn.Module, paths: Sequence[Path], batch: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 10) errors e0..e9 and (N, 300, 300) maps of the images at ``paths``."""
+def score(
+    model: nn.Module,
+    paths: Sequence[Path],
+    batch: int = 4,
+    codec: Codec | None = None,
+    spec: InputSpec | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 10) errors e0..e9 and (N, 300, 300) maps of the images at ``paths``,
+    each passed through ``codec`` first where one is given, prepared as
+    ``spec`` (the model's, e.g. data.checkpoint_spec: its colour) says."""
     return _score_batches(
         model,
         (
-            torch.stack([load_tensor(p) for p in paths[i : i + batch]])
+            torch.stack([load_tensor(p, spec, codec) for p in paths[i : i + batch]])
             for i in range(0, len(paths), batch)
         ),
     )
@@ -107,6 +116,10 @@ def evaluate_scores(
         "fp": float((predicted & (labels == 0)).sum()),
         "tn": float((~predicted & (labels == 0)).sum()),
         "fn": float((~predicted & (labels == 1)).sum()),
+        # What the line sees of the calibrated rule: good parts thrown away,
+        # defective parts caught.
+        "false_reject_rate": float(predicted[labels == 0].mean()) if (labels == 0).any() else 0.0,
+        "detection_rate": float(predicted[labels == 1].mean()) if (labels == 1).any() else 0.0,
     }
     if masks.any():
         sub = (slice(None), slice(None, None, 2), slice(None, None, 2))  # 150x150: 4x less memory

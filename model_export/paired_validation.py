@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from model_export.calibration import calibrate_thresholds, rule_flags, rule_score
-from model_export.data import checkpoint_split
+from model_export.data import checkpoint_spec, checkpoint_split
 from model_export.evaluation import score, score_tensors
 from model_export.families import load_checkpoint
 from model_export.validation import synthetic_defectives
+from service.calibration import conformal_thresholds, error_scales, rule_flags, rule_score
 
 
 def paired_auroc_difference(
@@ -68,10 +68,12 @@ def compare(
             raise SystemExit(f"{work} was trained on another split than {works[0]}")
         split = this
         hold = checkpoint_split(ckpt, "holdout")
+        spec = checkpoint_spec(ckpt)
         if defectives is None:
-            defectives = synthetic_defectives(hold, seed, per_image)
-        held_errors, _ = score(model, hold)
-        eps, _ = calibrate_thresholds(held_errors, target_fpr)
+            defectives = synthetic_defectives(hold, seed, per_image, spec)
+        held_errors, _ = score(model, hold, spec=spec)
+        fit_errors, _ = score(model, checkpoint_split(ckpt, "fit"), spec=spec)
+        eps = conformal_thresholds(held_errors, error_scales(fit_errors), target_fpr).eps
         bad_errors, _ = score_tensors(model, defectives)
         goods.append(rule_score(held_errors, eps))
         bads.append(rule_score(bad_errors, eps))

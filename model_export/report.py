@@ -8,7 +8,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from model_export.calibration import rule_score
+from service.calibration import rule_score
 
 PAPER = {
     "pwae": "P-WAE paper, bottle: image AUROC 0.99, balanced accuracy 0.99",

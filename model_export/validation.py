@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from model_export.calibration import rule_flags, rule_score
 from model_export.evaluation import score_tensors
-from service.contract import InputSpec
-from service.preprocessing import normalise, prepare
+from service.calibration import rule_flags, rule_score
+from service.codec import apply_codec
+from service.contract import Codec, InputSpec
+from service.preprocessing import as_input_colour, normalise, prepare
 
 DEFECT_KINDS = ("patch", "stain", "scratch")
 
@@ -74,10 +75,16 @@ def inject_defect(
 
 
 def synthetic_defectives(
-    holdout: Sequence[Path], seed: int = 0, per_image: int = 2, spec: InputSpec | None = None
+    holdout: Sequence[Path],
+    seed: int = 0,
+    per_image: int = 2,
+    spec: InputSpec | None = None,
+    codec: Codec | None = None,
 ) -> list[torch.Tensor]:
     """``per_image`` copies of each held-out image, each with one synthetic
-    defect, prepared as the model's (3, H, W) input; the same under a seed."""
+    defect, prepared as the model's (3, H, W) input; the same under a seed.
+    With a lossy ``codec`` the defective image is encoded as the camera would
+    encode it, as the good images are."""
     spec = spec or InputSpec()
     rng = np.random.default_rng(seed)
     defective = []
@@ -85,7 +92,14 @@ def synthetic_defectives(
         rgb = prepare(path.read_bytes(), spec).rgb
         for _ in range(per_image):
             img, _ = inject_defect(rgb, rng)
-            defective.append(torch.from_numpy(normalise(img.astype(np.float32) / 255, spec)))
+            img = as_input_colour(img, spec)  # a grey model sees a stain's luma
+            if codec is not None and codec.format == "jpeg":
+                ok, enc = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+                assert ok
+                tensor = prepare(apply_codec(enc.tobytes(), codec), spec).tensor
+            else:
+                tensor = normalise(img.astype(np.float32) / 255, spec)
+            defective.append(torch.from_numpy(tensor))
     return defective
 
 
@@ -97,6 +111,7 @@ def synthetic_validation(
     seed: int = 0,
     per_image: int = 2,
     spec: InputSpec | None = None,
+    codec: Codec | None = None,
 ) -> dict[str, float]:
     """Validation figures of ``model`` with thresholds ``eps`` on held-out images.
 
@@ -105,7 +120,7 @@ def synthetic_validation(
     """
     from sklearn.metrics import roc_auc_score
 
-    errors, _ = score_tensors(model, synthetic_defectives(holdout, seed, per_image, spec))
+    errors, _ = score_tensors(model, synthetic_defectives(holdout, seed, per_image, spec, codec))
     good = rule_score(holdout_errors, eps)
     bad = rule_score(errors, eps)
     labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]

@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect
 from service import logs
 from service.artifact import ArtifactError
 from service.batcher import Batcher, InferenceFailed, QueueFull, Scored
-from service.decision import Decision, decide
+from service.decision import DEFECT_FREE, Decision, decide
 from service.heatmap import overlay, to_png
 from service.metrics import Metrics
 from service.middleware import BodyLimits, BodyTimeout, BodyTooLarge, Observe
@@ -41,6 +41,7 @@ from service.schemas import (
     ErrorResponse,
     Health,
     ImageResult,
+    InputInfo,
     InspectResponse,
     ModelInfo,
     ModelRef,
@@ -238,9 +239,14 @@ def _respond(
     labels = (meta.name, str(meta.version))
     metrics.decode_duration.labels(*labels).observe(decode_s)
     metrics.verdicts.labels(*labels, d.verdict).inc()
+    seen = InputInfo.judge(prepared.codec, meta.calibration.codec)
+    if not seen.matches_calibration:
+        metrics.codec_mismatch.labels(*labels, seen.format).inc()
     metrics.image_score.labels(*labels).observe(d.image_score)
     for k, s in enumerate(d.tile_scores, start=1):
         metrics.tile_score.labels(*labels, str(k)).observe(s)
+    if d.verdict == DEFECT_FREE:
+        metrics.observe_good(*labels, d.score)
     heat = None
     if with_heatmap:
         png = to_png(_overlay(prepared, scored, d))
@@ -265,6 +271,7 @@ def _respond(
             inference=round(scored.inference_s * 1000, 3),
             total=round(total_ms, 3),
         ),
+        input=seen,
         heatmap_png_base64=heat,
     )
     return body, d
@@ -454,7 +461,7 @@ def _error(
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    metrics = Metrics()
+    metrics = Metrics(settings.near_threshold)
     runtime = ModelRuntime(settings, metrics)
     batcher = Batcher(
         runtime,
@@ -496,6 +503,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.batcher = batcher
     app.include_router(ops)
     app.include_router(v1)
+    # Imported here: the admin routes build on this module's dependencies.
+    from service.routes_admin import admin
+
+    app.include_router(admin)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:

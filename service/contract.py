@@ -60,11 +60,17 @@ class Normalization(_Frozen):
 
 
 class InputSpec(_Frozen):
-    """What the graph's ``image`` input expects: RGB, NCHW, float32, normalised."""
+    """What the graph's ``image`` input expects: three channels, NCHW, float32, normalised.
+
+    ``color`` is what the model was trained on: "RGB" models refuse
+    single-channel images; "grey" models (trained on single-channel images)
+    take the luma of colour images, and a grey image is replicated to the
+    three channels the graph expects (service.preprocessing).
+    """
 
     height: int = Field(300, ge=8)
     width: int = Field(300, ge=8)
-    color: Literal["RGB"] = "RGB"
+    color: Literal["RGB", "grey"] = "RGB"
     layout: Literal["NCHW"] = "NCHW"
     # Area averaging when shrinking keeps thin defects (scratches) visible
     # instead of aliasing them away; linear when enlarging.
@@ -113,15 +119,96 @@ class Thresholds(_Frozen):
         return (self.eps0, *self.tiles)
 
 
-class Calibration(_Frozen):
-    """How the thresholds were set: always on held-out defect-free images."""
+CodecFormat = Literal["png", "jpeg", "bmp", "tiff"]
 
-    method: str = Field(description="e.g. 'holdout-quantile-bisection'")
+
+class Codec(_Frozen):
+    """How the line's camera encodes its images: calibration passes its good
+    images through the same codec, since JPEG artefacts raise the errors of
+    every image and thresholds fitted on PNG reject JPEG-encoded good parts."""
+
+    format: CodecFormat = "png"
+    quality: int | None = Field(None, ge=1, le=100, description="JPEG quality, 1..100")
+
+    @model_validator(mode="after")
+    def _quality_is_jpeg_only(self) -> Codec:
+        if self.quality is not None and self.format != "jpeg":
+            raise ValueError(f"a quality is only meaningful for JPEG, not {self.format}")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> Codec:
+        """``png``, ``jpeg:90`` (format, then the JPEG quality)."""
+        fmt, _, quality = text.strip().lower().partition(":")
+        fmt = {"jpg": "jpeg", "tif": "tiff"}.get(fmt, fmt)
+        return cls.model_validate({"format": fmt, "quality": int(quality) if quality else None})
+
+    def __str__(self) -> str:
+        return self.format if self.quality is None else f"{self.format}:{self.quality}"
+
+
+class Calibration(_Frozen):
+    """How the thresholds were set: always on defect-free images the model was
+    not fitted on (held out from train/good, or confirmed good on the line).
+
+    The conformal method (service.calibration) gives a finite-sample promise
+    on *new* good images, recorded here with what it rests on: each error is
+    divided by its scale, the rule's score is the largest of these, and its
+    threshold is an order statistic of the calibration images' scores;
+    eps_k = score_threshold * scales[k]. Older artifacts lack the optional
+    fields; they load, and their thresholds promise nothing beyond the
+    held-out set.
+    """
+
+    method: str = Field(description="e.g. 'conformal-max-normalised-error'")
     target_fpr: float = Field(ge=0.0, le=1.0)
-    achieved_fpr: float = Field(ge=0.0, le=1.0, description="FPR of the rule on the held-out set")
-    holdout_images: int = Field(ge=1)
-    holdout_fraction: float = Field(gt=0.0, lt=1.0)
-    split_seed: int
+    achieved_fpr: float = Field(
+        ge=0.0, le=1.0, description="share of the calibration images the rule rejects"
+    )
+    holdout_images: int = Field(ge=1, description="calibration images (distinct)")
+    holdout_fraction: float | None = Field(
+        None, gt=0.0, lt=1.0, description="of train/good; None for images from the line"
+    )
+    split_seed: int | None = None
+    promised_fpr: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="bound on the expected false-reject rate on new good images (conformal)",
+    )
+    fpr_upper_90: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="false-reject rate not exceeded with 90% probability over calibration draws",
+    )
+    images_for_target: int | None = Field(
+        None, ge=1, description="calibration images the target needs for a guarantee"
+    )
+    scales: tuple[float, ...] | None = Field(
+        None, description="scale of e0..eK the rule's score divides by (from other images)"
+    )
+    score_threshold: float | None = Field(None, gt=0.0)
+    reference_score: float | None = Field(
+        None, ge=0.0, description="median rule score of the calibration images: drift baseline"
+    )
+    codec: Codec = Field(Codec(), description="what the calibration images were encoded as")
+    source: Literal["holdout", "line"] = "holdout"
+    calibrated_at: datetime | None = None
+    operator: str | None = Field(None, max_length=200)
+    images_sha256: Sha256 | None = Field(
+        None, description="sha256 over the sorted hashes of the calibration images"
+    )
+    parent_version: int | None = Field(
+        None, ge=1, description="the version whose graph this recalibration reuses"
+    )
+
+    @field_validator("scales")
+    @classmethod
+    def _scales_positive(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and any(not (s > 0 and math.isfinite(s)) for s in v):
+            raise ValueError(f"scales must be positive and finite, got {v}")
+        return v
 
 
 class TrainingData(_Frozen):
@@ -169,5 +256,11 @@ class ModelMetadata(_Frozen):
             raise ValueError(
                 f"input {self.input.height}x{self.input.width} does not divide into a "
                 f"{self.grid.rows}x{self.grid.cols} grid"
+            )
+        scales = self.calibration.scales
+        if scales is not None and len(scales) != 1 + self.grid.count:
+            raise ValueError(
+                f"{len(scales)} calibration scales for e0 and {self.grid.count} tiles "
+                f"(needs {1 + self.grid.count})"
             )
         return self

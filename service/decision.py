@@ -26,6 +26,16 @@ class Decision:
     tile_scores: tuple[float, ...]
     defective_tiles: tuple[int, ...]  # 1-based, row-major (service.tiler)
 
+    @property
+    def score(self) -> float:
+        """The rule's score max(e0/eps0, ek/epsk): above 1.0 is defective.
+
+        One number per image, the one calibration sets its threshold on
+        (service.calibration.rule_score), so its drift on good parts is
+        comparable with the artifact's ``calibration.reference_score``.
+        """
+        return max((self.image_score, *self.tile_scores))
+
 
 def decide(image_error: float, tile_errors: np.ndarray, thresholds: Thresholds) -> Decision:
     tiles = tuple(float(e) for e in tile_errors)

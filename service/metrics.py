@@ -29,10 +29,16 @@ LATENCY_BUCKETS = (
     5.0,
 )
 SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+# Good parts score in [0, 1]: steps of 0.05 let histogram_quantile read their
+# median to within a bucket and the share near the threshold (drift alerts).
+GOOD_SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, near_threshold: float = 0.8) -> None:
+        # A good part scoring at or above this fraction of the threshold is
+        # counted as near it (settings.near_threshold).
+        self.near_threshold_fraction = near_threshold
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -79,6 +85,27 @@ class Metrics:
             "inspection_tile_score", "Tile score ek/epsk by tile 1..9 (1 is the threshold).",
             (*MODEL, "tile"), buckets=SCORE_BUCKETS, registry=r,
         )  # fmt: skip
+        self.good_score = Histogram(
+            "inspection_good_score",
+            "Rule score max(e0/eps0, ek/epsk) of images judged defect-free (1 is the threshold).",
+            MODEL, buckets=GOOD_SCORE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.near_threshold = Counter(
+            "inspection_near_threshold_images",
+            "Defect-free images whose rule score is at or above the near-threshold fraction.",
+            MODEL, registry=r,
+        )  # fmt: skip
+        self.reference_score = Gauge(
+            "inspection_calibration_reference_score",
+            "Median rule score of the calibration images: the drift baseline.",
+            MODEL, registry=r,
+        )  # fmt: skip
+        self.codec_mismatch = Counter(
+            "inspection_codec_mismatch_images",
+            "Inspected images encoded otherwise than the thresholds were calibrated for, "
+            "by the format seen.",
+            (*MODEL, "format"), registry=r,
+        )  # fmt: skip
         self.model_info = Gauge(
             "inspection_model_info", "The model being served (value 1).",
             (*MODEL, "family", "sha256", "provider"), registry=r,
@@ -88,3 +115,26 @@ class Metrics:
         )
         for result in ("success", "failure"):
             self.reloads.labels(result)
+
+    def observe_good(self, model: str, version: str, score: float) -> None:
+        """Record the rule score of an image judged defect-free (drift watch)."""
+        self.good_score.labels(model, version).observe(score)
+        if score >= self.near_threshold_fraction:
+            self.near_threshold.labels(model, version).inc()
+
+    def model_installed(
+        self, model: str, version: str, reference_score: float | None, old: tuple[str, str] | None
+    ) -> None:
+        """A model version went into service, replacing ``old`` (model, version).
+
+        Its drift series start at zero, so rates and ratios read 0 rather than
+        nothing before the first good part; the reference score follows the
+        version in service, as inspection_model_info does, and is absent for
+        artifacts calibrated without one.
+        """
+        if old is not None:
+            self.reference_score.remove(*old)
+        self.good_score.labels(model, version)
+        self.near_threshold.labels(model, version)
+        if reference_score is not None:
+            self.reference_score.labels(model, version).set(reference_score)

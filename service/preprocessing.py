@@ -1,8 +1,19 @@
 """Bytes in, model input out: the one preprocessing used by trainer and server.
 
 decode (OpenCV; PNG, JPEG, BMP, TIFF; 8- or 16-bit; grey, RGB or RGBA)
+-> upright (EXIF orientation) -> colour as the model's InputSpec says
 -> RGB -> resize to the model's input size (area filter when shrinking)
 -> scale to [0, 1] -> normalise as the metadata says -> CHW float32.
+
+One view of the input: an image is inspected the way a viewer shows it. The
+EXIF orientation (JPEG APP1, PNG eXIf, TIFF tag 274) is always applied, at
+every size, and every size check (pixel budget, smallest size, header against
+pixels) is on the upright size.
+
+Colour follows the metadata: an RGB model refuses a single-channel image
+(grey, or grey with alpha) as ``wrong_colour``; a grey model converts colour
+images to luma (ITU-R BT.601, as OpenCV's BGR2GRAY) and, like grey images,
+replicates them to the three input channels its graph expects.
 
 Every refusal is an :class:`InputRejected` with a machine-readable ``reason``,
 which the server turns into a 4xx answer. The image size is read from the
@@ -20,7 +31,8 @@ from enum import StrEnum
 import cv2
 import numpy as np
 
-from service.contract import InputSpec, Normalization, TileGrid
+from service.codec import detect_codec
+from service.contract import Codec, InputSpec, Normalization, TileGrid
 
 DEFAULT_MAX_PIXELS = 40_000_000  # a 4096x3000 camera frame is 12.3 MP
 
@@ -34,6 +46,7 @@ class Reject(StrEnum):
     CORRUPT = "corrupt"
     TOO_MANY_PIXELS = "too_many_pixels"
     TOO_SMALL = "too_small"
+    WRONG_COLOUR = "wrong_colour"
 
 
 class InputRejected(ValueError):
@@ -47,7 +60,8 @@ class InputRejected(ValueError):
 class PreparedImage:
     tensor: np.ndarray  # (3, H, W) float32, normalised: the model's input for one image
     rgb: np.ndarray  # (H, W, 3) uint8 at model resolution, for heatmap overlays
-    source_size: tuple[int, int]  # (width, height) as posted
+    source_size: tuple[int, int]  # (width, height) as posted, upright (EXIF orientation applied)
+    codec: Codec | None = None  # what the bytes were encoded as (format, JPEG quality)
 
 
 # --- header parsing: size and format without decoding -------------------------
@@ -74,14 +88,87 @@ def _truncated(fmt: str) -> InputRejected:
     return InputRejected(Reject.TRUNCATED, f"the {fmt.upper()} header ends early")
 
 
-def _png_size(data: bytes) -> tuple[int, int]:
-    if len(data) < 24 or data[12:16] != b"IHDR":
+@dataclass(frozen=True)
+class Header:
+    """What the file header says, before any pixel is decoded."""
+
+    format: str  # png, jpeg, bmp or tiff
+    width: int  # as stored
+    height: int
+    orientation: int = 1  # EXIF: 1 upright, 2..8 mirrored and/or rotated
+    grey: bool | None = None  # single-channel (grey or grey+alpha); None: the pixels tell
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) upright: orientations 5..8 swap the axes."""
+        return (self.height, self.width) if self.orientation >= 5 else (self.width, self.height)
+
+
+def _tiff_ifd0(tiff: bytes, wanted: frozenset[int]) -> dict[int, int]:
+    """The single-number values of the ``wanted`` tags of a TIFF structure's
+    first IFD (a TIFF file, or the Exif block of a JPEG or PNG).
+
+    Raises struct.error where the structure ends early.
+    """
+    order = "<" if tiff[:2] == b"II" else ">"
+    big = tiff[2:4] in (b"+\x00", b"\x00+")
+    if big:  # BigTIFF: 8-byte offsets and counts, 20-byte entries
+        (ifd,) = struct.unpack(order + "Q", tiff[8:16])
+        (count,) = struct.unpack(order + "Q", tiff[ifd : ifd + 8])
+        first, size = ifd + 8, 20
+    else:
+        (ifd,) = struct.unpack(order + "I", tiff[4:8])
+        (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
+        first, size = ifd + 2, 12
+    found: dict[int, int] = {}
+    for e in range(min(count, 4096)):
+        at = first + e * size
+        tag, typ = struct.unpack(order + "HH", tiff[at : at + 4])
+        if tag in wanted:
+            value_at = at + (12 if big else 8)
+            fmt = {3: "H", 4: "I", 16: "Q"}.get(typ)
+            if fmt is None:
+                raise InputRejected(Reject.CORRUPT, f"TIFF tag {tag} of type {typ}")
+            (found[tag],) = struct.unpack(
+                order + fmt, tiff[value_at : value_at + struct.calcsize(fmt)]
+            )
+    return found
+
+
+_ORIENTATION_TAG = 274
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """The orientation in an Exif block (a TIFF structure); 1 where there is
+    none or it cannot be read: broken metadata does not refuse a good image."""
+    if tiff[:4] not in (b"II*\x00", b"MM\x00*"):
+        return 1
+    try:
+        value = _tiff_ifd0(tiff, frozenset({_ORIENTATION_TAG})).get(_ORIENTATION_TAG, 1)
+    except (struct.error, InputRejected):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _png_header(data: bytes) -> Header:
+    if len(data) < 26 or data[12:16] != b"IHDR":
         raise _truncated("png")
     w, h = struct.unpack(">II", data[16:24])
-    return w, h
+    colour_type = data[25]  # 0 grey, 2 RGB, 3 palette, 4 grey+alpha, 6 RGBA
+    orientation, i = 1, 8
+    while i + 8 <= len(data):  # eXIf comes before the image data, if at all
+        (length,) = struct.unpack(">I", data[i : i + 4])
+        kind = data[i + 4 : i + 8]
+        if kind == b"eXIf":
+            orientation = _exif_orientation(data[i + 8 : i + 8 + length])
+            break
+        if kind in (b"IDAT", b"IEND"):
+            break
+        i += 12 + length
+    return Header("png", w, h, orientation, colour_type in (0, 4))
 
 
-def _bmp_size(data: bytes) -> tuple[int, int]:
+def _bmp_header(data: bytes) -> Header:
     if len(data) < 26:
         raise _truncated("bmp")
     (dib_size,) = struct.unpack("<I", data[14:18])
@@ -89,11 +176,14 @@ def _bmp_size(data: bytes) -> tuple[int, int]:
         w, h = struct.unpack("<HH", data[18:22])
     else:
         w, h = struct.unpack("<ii", data[18:26])
-    return abs(w), abs(h)  # a negative height means top-down rows
+    # abs: a negative height means top-down rows. Whether a palette is grey,
+    # only OpenCV's decoding tells (it gives one channel for a grey palette).
+    return Header("bmp", abs(w), abs(h))
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
+def _jpeg_header(data: bytes) -> Header:
     i, n = 2, len(data)
+    orientation: int | None = None
     while i + 4 <= n:
         if data[i] != 0xFF:
             raise InputRejected(Reject.CORRUPT, "JPEG marker expected")
@@ -105,53 +195,54 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
             i += 2
             continue
         (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        if marker == 0xE1 and orientation is None and data[i + 4 : i + 10] == b"Exif\x00\x00":
+            orientation = _exif_orientation(data[i + 10 : i + 2 + length])
         if marker in _JPEG_SOF:
-            if i + 9 > n:
+            if i + 10 > n:
                 break
             h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-            return w, h
+            components = data[i + 9]
+            return Header("jpeg", w, h, orientation or 1, components == 1)
         if marker == 0xDA:  # start of scan before any frame header
             raise InputRejected(Reject.CORRUPT, "JPEG has no frame header")
         i += 2 + length
     raise _truncated("jpeg")
 
 
-def _tiff_size(data: bytes) -> tuple[int, int]:
-    order = "<" if data[:2] == b"II" else ">"
-    big = data[2:4] in (b"+\x00", b"\x00+")
+def _tiff_header(data: bytes) -> Header:
+    # 256/257 width/height, 262 photometric interpretation (0, 1: grey), 274 orientation
     try:
-        if big:  # BigTIFF: 8-byte offsets and counts, 20-byte entries
-            (ifd,) = struct.unpack(order + "Q", data[8:16])
-            (count,) = struct.unpack(order + "Q", data[ifd : ifd + 8])
-            first, size = ifd + 8, 20
-        else:
-            (ifd,) = struct.unpack(order + "I", data[4:8])
-            (count,) = struct.unpack(order + "H", data[ifd : ifd + 2])
-            first, size = ifd + 2, 12
-        dims: dict[int, int] = {}
-        for e in range(min(count, 4096)):
-            at = first + e * size
-            tag, typ = struct.unpack(order + "HH", data[at : at + 4])
-            if tag in (256, 257):
-                value_at = at + (12 if big else 8)
-                fmt = {3: "H", 4: "I", 16: "Q"}.get(typ)
-                if fmt is None:
-                    raise InputRejected(Reject.CORRUPT, f"TIFF size tag of type {typ}")
-                (dims[tag],) = struct.unpack(
-                    order + fmt, data[value_at : value_at + struct.calcsize(fmt)]
-                )
-        return dims[256], dims[257]
+        tags = _tiff_ifd0(data, frozenset({256, 257, 262, _ORIENTATION_TAG}))
+        w, h = tags[256], tags[257]
     except (struct.error, KeyError) as exc:
         raise _truncated("tiff") from exc
+    orientation = tags.get(_ORIENTATION_TAG, 1)
+    photometric = tags.get(262)
+    return Header(
+        "tiff",
+        w,
+        h,
+        orientation if 1 <= orientation <= 8 else 1,
+        None if photometric is None else photometric in (0, 1),
+    )
 
 
-def image_size(data: bytes) -> tuple[str, int, int]:
-    """(format, width, height) from the header alone."""
+def read_header(data: bytes) -> Header:
+    """Format, stored size, EXIF orientation and (where the header says) whether
+    the image is single-channel, from the header alone."""
     if not data:
         raise InputRejected(Reject.EMPTY, "the request carried no image bytes")
     fmt = _sniff(data)
-    w, h = {"png": _png_size, "jpeg": _jpeg_size, "bmp": _bmp_size, "tiff": _tiff_size}[fmt](data)
-    return fmt, w, h
+    return {"png": _png_header, "jpeg": _jpeg_header, "bmp": _bmp_header, "tiff": _tiff_header}[
+        fmt
+    ](data)
+
+
+def image_size(data: bytes) -> tuple[str, int, int]:
+    """(format, width, height) from the header alone; the size upright, as
+    the image is inspected (EXIF orientation applied)."""
+    head = read_header(data)
+    return (head.format, *head.size)
 
 
 def _check_complete(fmt: str, data: bytes) -> None:
@@ -177,6 +268,11 @@ _JPEG_REDUCED = {
     4: cv2.IMREAD_REDUCED_COLOR_4,
     8: cv2.IMREAD_REDUCED_COLOR_8,
 }
+_JPEG_REDUCED_GREY = {
+    2: cv2.IMREAD_REDUCED_GRAYSCALE_2,
+    4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+    8: cv2.IMREAD_REDUCED_GRAYSCALE_8,
+}
 
 
 def _jpeg_reduction(w: int, h: int, target: tuple[int, int] | None) -> int:
@@ -189,21 +285,27 @@ def _jpeg_reduction(w: int, h: int, target: tuple[int, int] | None) -> int:
     return 1
 
 
-def decode(
-    data: bytes,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    min_size: tuple[int, int] = (1, 1),
-    target: tuple[int, int] | None = None,
-) -> np.ndarray:
-    """Decoded pixels as OpenCV gives them (BGR order, native dtype).
+def orient(img: np.ndarray, orientation: int) -> np.ndarray:
+    """Stored pixels -> upright, for EXIF orientation 1..8 (as OpenCV's own
+    ExifTransform: 2 mirror, 3 rotate 180, 4 flip, 5 transpose, 6 rotate 90
+    clockwise, 7 transverse, 8 rotate 90 counter-clockwise)."""
+    if orientation in (2, 3, 4):
+        return cv2.flip(img, {2: 1, 3: -1, 4: 0}[orientation])
+    if orientation in (5, 6, 7, 8):
+        t = cv2.transpose(img)
+        return t if orientation == 5 else cv2.flip(t, {6: 1, 7: -1, 8: 0}[orientation])
+    return img
 
-    ``min_size`` is (width, height); smaller images are refused. ``target``
-    (width, height) is the size the caller will resize to: a large JPEG is then
-    decoded already scaled down by 2, 4 or 8 in the DCT domain (an averaging
-    filter, like the area filter), which is several times faster than decoding
-    a 12 MP frame in full only to average it away.
-    """
-    fmt, w, h = image_size(data)
+
+def _decode(
+    data: bytes,
+    head: Header,
+    max_pixels: int,
+    min_size: tuple[int, int],
+    target: tuple[int, int] | None,
+) -> np.ndarray:
+    fmt = head.format
+    w, h = head.size
     if w <= 0 or h <= 0:
         raise InputRejected(Reject.CORRUPT, f"the header gives a size of {w}x{h}")
     if w * h > max_pixels:
@@ -217,16 +319,79 @@ def decode(
         )
     _check_complete(fmt, data)
     factor = _jpeg_reduction(w, h, target) if fmt == "jpeg" else 1
-    flag = _JPEG_REDUCED[factor] if factor > 1 else cv2.IMREAD_UNCHANGED
+    if factor > 1:
+        reduced = _JPEG_REDUCED_GREY if head.grey else _JPEG_REDUCED
+        # Orientation is applied below, the same way at every size.
+        flag = reduced[factor] | cv2.IMREAD_IGNORE_ORIENTATION
+    else:
+        flag = cv2.IMREAD_UNCHANGED  # never applies the orientation itself
     img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
     if img is None or img.size == 0:
         raise InputRejected(Reject.CORRUPT, f"OpenCV could not decode the {fmt.upper()} data")
+    if fmt in ("jpeg", "png"):
+        # OpenCV's TIFF decoder (libtiff) applies tag 274 itself, whatever the flags.
+        img = orient(img, head.orientation)
     expected = (-(-h // factor), -(-w // factor))  # libjpeg rounds scaled sizes up
     if img.shape[:2] != expected:
         raise InputRejected(
             Reject.CORRUPT, f"header says {w}x{h}, pixels are {img.shape[1]}x{img.shape[0]}"
         )
     return img
+
+
+def decode(
+    data: bytes,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: tuple[int, int] = (1, 1),
+    target: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Decoded pixels, upright (EXIF orientation applied), as OpenCV gives
+    them (BGR order, native dtype).
+
+    ``min_size`` is (width, height); smaller images are refused. ``target``
+    (width, height) is the size the caller will resize to: a large JPEG is then
+    decoded already scaled down by 2, 4 or 8 in the DCT domain (an averaging
+    filter, like the area filter), which is several times faster than decoding
+    a 12 MP frame in full only to average it away.
+    """
+    return _decode(data, read_header(data), max_pixels, min_size, target)
+
+
+def _channels(img: np.ndarray) -> int:
+    return 1 if img.ndim == 2 else img.shape[2]
+
+
+def is_greyscale(data: bytes) -> bool:
+    """Whether an encoded image is single-channel (grey, or grey with alpha),
+    as :func:`prepare` judges it: from the header where it says (PNG, JPEG,
+    TIFF), else from the decoded pixels (BMP: OpenCV gives one channel for a
+    grey palette)."""
+    head = read_header(data)
+    if head.grey is not None:
+        return head.grey
+    return _channels(_decode(data, head, DEFAULT_MAX_PIXELS, (1, 1), None)) in (1, 2)
+
+
+def to_grey(img: np.ndarray) -> np.ndarray:
+    """OpenCV pixels (grey, BGR or BGRA) -> one channel (H, W), luma
+    0.299 R + 0.587 G + 0.114 B; dtype kept."""
+    channels = _channels(img)
+    if channels == 1:
+        return img.reshape(img.shape[:2])
+    if channels == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    if channels == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
+    raise InputRejected(Reject.UNSUPPORTED_FORMAT, f"{channels} channels are not supported")
+
+
+def as_input_colour(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """(H, W, 3) RGB pixels as the model sees them: unchanged for an RGB
+    model, luma replicated to three channels for a grey one (the trainer's
+    synthetic defects go through this, as posted images go through prepare)."""
+    if spec.color != "grey":
+        return rgb
+    return cv2.cvtColor(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
 
 
 def to_rgb(img: np.ndarray) -> np.ndarray:
@@ -307,19 +472,27 @@ def prepare(
     spec = spec or InputSpec()
     grid = grid or TileGrid()
     tile = (spec.width // grid.cols, spec.height // grid.rows)
-    _, width, height = image_size(data)
-    img = decode(data, max_pixels=max_pixels, min_size=tile, target=(spec.width, spec.height))
-    source_size = (width, height)
+    head = read_header(data)
+    img = _decode(data, head, max_pixels, tile, (spec.width, spec.height))
+    grey = head.grey if head.grey is not None else _channels(img) in (1, 2)
+    if grey and spec.color == "RGB":
+        raise InputRejected(
+            Reject.WRONG_COLOUR, "the model inspects colour (RGB) images; this image is greyscale"
+        )
+    source_size = head.size
+    codec = detect_codec(data)
     # Resize before the float conversion: on a 12 MP frame that is 4x less
     # memory traffic; the rounding to the source's integer type that this
     # costs is below a camera's noise.
     small = resize(img, spec.width, spec.height)
+    if spec.color == "grey":
+        small = to_grey(small)  # to_rgb replicates it to the graph's three channels
     if small.dtype == np.uint8:  # what cameras send: the table-lookup path
         rgb = to_rgb(small)
-        return PreparedImage(normalise_rgb8(rgb, spec), rgb, source_size)
+        return PreparedImage(normalise_rgb8(rgb, spec), rgb, source_size, codec)
     rgb01 = to_rgb01(small)
     rgb = (rgb01 * 255.0 + 0.5).astype(np.uint8)
-    return PreparedImage(tensor=normalise(rgb01, spec), rgb=rgb, source_size=source_size)
+    return PreparedImage(normalise(rgb01, spec), rgb, source_size, codec)
 
 
 def denormalise(tensor: np.ndarray, spec: InputSpec) -> np.ndarray:

@@ -74,6 +74,12 @@ class ModelRuntime:
         self.metrics.model_info.labels(
             meta.name, str(meta.version), meta.family, meta.onnx_sha256, art.provider
         ).set(1)
+        self.metrics.model_installed(
+            meta.name,
+            str(meta.version),
+            meta.calibration.reference_score,
+            (old.metadata.name, str(old.metadata.version)) if old is not None else None,
+        )
         self._current = art
         log(
             logger, logging.INFO, "model in service",

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(2.0, ge=0)
     max_queue: int = Field(64, ge=1, description="images waiting; beyond it 503")
     max_batch_files: int = Field(32, ge=1, description="images in one /v1/inspect/batch")
+    max_recalibration_files: int = Field(
+        1000, ge=1, description="images in one POST /v1/models/recalibrate"
+    )
     max_body_bytes: int = Field(50 * 2**20, ge=1024)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     # Comma-separated; several keys at once allow rotation. Empty: no auth on /v1/*.
@@ -55,6 +58,9 @@ class Settings(BaseSettings):
     keep_alive_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_s: float = Field(20.0, gt=0)
+    # A good part whose rule score is at or above this fraction of the threshold
+    # (1.0) counts as near it: a growing share of them is drift (docs/deployment.md).
+    near_threshold: float = Field(0.8, gt=0, lt=1)
 
     @field_validator("providers", "api_keys", mode="before")
     @classmethod

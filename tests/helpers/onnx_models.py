@@ -112,6 +112,7 @@ def metadata_for(
     tiles: tuple[float, ...] = (1.0,) * 9,
     size: int = 300,
     grid: TileGrid | None = None,
+    reference_score: float | None = 0.5,
 ) -> ModelMetadata:
     return ModelMetadata(
         family="pwae",
@@ -127,6 +128,7 @@ def metadata_for(
             holdout_images=1,
             holdout_fraction=0.2,
             split_seed=0,
+            reference_score=reference_score,  # the drift baseline; None as in older artifacts
         ),
         training_data=TrainingData(
             dataset="synthetic", category="synthetic", train_images=1, fingerprint="0" * 64

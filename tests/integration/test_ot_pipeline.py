@@ -7,8 +7,10 @@ import json
 import os
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
+import torch
 
 from model_export import cli
 from model_export.data import load_tensor, split_train
@@ -95,3 +97,24 @@ def test_bottle_floor() -> None:
     ev = evaluate_scores(errors, maps, labels, masks, eps=np.ones(errors.shape[1]))
     assert ev["image_auroc"] >= 0.95
     assert ev["pixel_auroc"] >= 0.90
+
+
+@pytest.mark.slow
+def test_grey_category_gives_a_grey_model(tmp_path: Path) -> None:
+    # A category of single-channel images (like the magnetic tiles) is fitted,
+    # calibrated and exported grey; the exported model then takes colour input.
+    cat = write_category(tmp_path / "data", n_train=8, n_test_good=2, n_test_defective=3)
+    for path in cat.glob("t*/*/*.png"):  # train/ and test/, not the masks
+        grey = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        assert cv2.imwrite(str(path), grey)
+    work, out = tmp_path / "work", tmp_path / "models" / "grey-otproto" / "1"
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(SMALL.to_dict()))
+    args = ["--family", "ot_prototypes", "--data", str(cat), "--work", str(work)]
+    cli.main(["run", *args, "--config", str(cfg), "--holdout", "0.25", "--export", str(out)])
+    ckpt = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert ckpt["input"]["color"] == "grey"
+    art = load_artifact(out, providers=["CPUExecutionProvider"])
+    assert art.metadata.input.color == "grey"
+    colour = encode_png(good_image(np.random.default_rng(5)))
+    assert prepare(colour, art.metadata.input).tensor.shape == (3, 300, 300)

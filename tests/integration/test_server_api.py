@@ -16,8 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
-from service.contract import METADATA_FILE, MODEL_FILE
-from tests.helpers.onnx_models import write_toy_artifact
+from service.artifact import write_artifact
+from service.contract import METADATA_FILE, MODEL_FILE, InputSpec
+from tests.helpers.onnx_models import colour_distance_model, metadata_for, write_toy_artifact
 from tests.helpers.server import Server, assert_api_error, run_server
 from tests.helpers.synthetic import encode, encode_png, good_image, part_png
 from tests.unit.test_preprocessing import _png_bomb
@@ -215,17 +216,99 @@ def test_bad_query_parameter(server: Server) -> None:
 @pytest.mark.parametrize(
     ("ext", "img", "ctype"),
     [
-        (".tiff", np.full((300, 300), 30000, np.uint16), "image/tiff"),
-        (".png", np.full((300, 300), 128, np.uint8), "image/png"),
+        (".tiff", np.full((300, 300, 3), 30000, np.uint16), "image/tiff"),
         (".png", np.full((300, 300, 4), 128, np.uint8), "image/png"),
         (".jpg", np.full((600, 800, 3), 128, np.uint8), "image/jpeg"),
         (".bmp", np.full((300, 300, 3), 128, np.uint8), "image/bmp"),
     ],
-    ids=["tiff16-grey", "png-grey", "png-rgba", "jpeg", "bmp"],
+    ids=["tiff16", "png-rgba", "jpeg", "bmp"],
 )
 def test_accepted_formats(server: Server, ext: str, img: np.ndarray, ctype: str) -> None:
     r = _inspect(server.base, encode(ext, img), ctype)
     assert r.status_code == 200, r.text
+
+
+# --- colour follows the metadata ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("ext", "img"),
+    [
+        (".png", np.full((300, 300), 128, np.uint8)),
+        (".tiff", np.full((300, 300), 30000, np.uint16)),
+        (".jpg", np.full((600, 800), 128, np.uint8)),
+    ],
+    ids=["png-grey", "tiff16-grey", "jpeg-grey"],
+)
+def test_rgb_model_refuses_a_grey_image(server: Server, ext: str, img: np.ndarray) -> None:
+    r = _inspect(server.base, encode(ext, img))
+    assert_api_error(r, 400, "wrong_colour")
+    assert r.json()["error"]["message"] == (
+        "the model inspects colour (RGB) images; this image is greyscale"
+    )
+    text = httpx.get(f"{server.base}/metrics").text
+    assert 'inspection_rejected_inputs_total{reason="wrong_colour"}' in text
+
+
+@pytest.fixture(scope="module")
+def grey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("grey-models")
+    model = colour_distance_model()
+    meta = metadata_for(model, "grey-toy", 1, **THRESHOLDS)  # type: ignore[arg-type]
+    write_artifact(
+        root / "grey-toy" / "1", model, meta.model_copy(update={"input": InputSpec(color="grey")})
+    )
+    with run_server(root / "grey-toy", tmp_path_factory.mktemp("grey-logs")) as s:
+        yield s
+
+
+def test_grey_model_takes_colour_as_its_luma(grey_server: Server) -> None:
+    bgr = cv2.cvtColor(good_image(np.random.default_rng(6)), cv2.COLOR_RGB2BGR)
+    colour = _inspect(grey_server.base, encode(".png", bgr))
+    grey = _inspect(grey_server.base, encode(".png", cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY)))
+    assert colour.status_code == 200, colour.text
+    assert grey.status_code == 200, grey.text
+    # The model sees the same luma either way: the same errors, tile by tile.
+    assert colour.json()["image"]["error"] == pytest.approx(grey.json()["image"]["error"])
+    assert [t["error"] for t in colour.json()["tiles"]] == pytest.approx(
+        [t["error"] for t in grey.json()["tiles"]]
+    )
+
+
+# --- the codec seen against the calibrated one ----------------------------------------
+
+
+def _mismatches(base: str, fmt: str) -> float:
+    text = httpx.get(f"{base}/metrics").text
+    line = f'inspection_codec_mismatch_images_total{{format="{fmt}",model="toy",version="1"}} '
+    found = [x for x in text.splitlines() if x.startswith(line)]
+    return float(found[0].split()[-1]) if found else 0.0
+
+
+def test_jpeg_to_a_png_calibrated_model_is_flagged_and_counted(server: Server) -> None:
+    bgr = cv2.cvtColor(good_image(np.random.default_rng(7)), cv2.COLOR_RGB2BGR)
+    ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    assert ok
+    before = _mismatches(server.base, "jpeg")
+    r = _inspect(server.base, jpeg.tobytes(), "image/jpeg")
+    assert r.status_code == 200, r.text
+    assert r.json()["input"] == {
+        "format": "jpeg",
+        "jpeg_quality": 80,
+        "calibrated_for": "png",
+        "matches_calibration": False,
+    }
+    assert _mismatches(server.base, "jpeg") == before + 1
+    png_before = _mismatches(server.base, "png")
+    r = _inspect(server.base, encode(".png", bgr))
+    assert r.json()["input"] == {
+        "format": "png",
+        "jpeg_quality": None,
+        "calibrated_for": "png",
+        "matches_calibration": True,
+    }
+    assert _mismatches(server.base, "png") == png_before == 0.0
+    assert _mismatches(server.base, "jpeg") == before + 1
 
 
 def test_oversized_body(models: Path, tmp_path: Path) -> None:

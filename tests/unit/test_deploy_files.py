@@ -220,6 +220,164 @@ def test_promtool_checks_prometheus_config() -> None:
     assert mount.startswith("./prometheus:")
 
 
+# ------------------------------------------------------------ drift alerts
+
+ALERTS = DOCKER / "prometheus" / "alerts.yml"
+DRIFT_ALERTS = ("InspectionGoodScoreDrift", "InspectionGoodScoreDriftDaily")
+NEAR_ALERT = "InspectionNearThresholdShareHigh"
+SCRAPED = {"job": "inspection-server", "instance": "server:8000"}
+
+# A phase of a synthetic line: `steps` scrapes, at each of them the listed
+# good-part scores arriving `count` times each.
+Phase = tuple[int, dict[float, int]]
+
+
+def _counter(phases: list[tuple[int, int]]) -> str:
+    """A counter that starts at 0 and rises by `inc` at each of `steps` scrapes
+    per phase, in promtool's expanding notation (``a+bxn`` gives n+1 values)."""
+    parts, total = ["0"], 0
+    for steps, inc in phases:
+        parts.append(f"{total + inc}+{inc}x{steps - 1}")
+        total += inc * steps
+    return " ".join(parts)
+
+
+def _series(name: str, labels: dict[str, str], values: str) -> dict[str, str]:
+    inner = ",".join(f'{k}="{v}"' for k, v in {**SCRAPED, **labels}.items())
+    return {"series": f"{name}{{{inner}}}", "values": values}
+
+
+def line_series(
+    model: str, phases: list[Phase], reference: float | None, near: float = 0.8
+) -> list[dict[str, str]]:
+    """What the server exposes for one model version fed these good parts."""
+    from service.metrics import GOOD_SCORE_BUCKETS
+
+    labels = {"model": model, "version": "1"}
+    out = []
+    for le in (*GOOD_SCORE_BUCKETS, float("inf")):
+        per_step = [(n, sum(c for v, c in d.items() if v <= le)) for n, d in phases]
+        le_label = "+Inf" if le == float("inf") else f"{le:g}"
+        out.append(_series("inspection_good_score_bucket", {**labels, "le": le_label},
+                           _counter(per_step)))  # fmt: skip
+    counts = [(n, sum(d.values())) for n, d in phases]
+    out.append(_series("inspection_good_score_count", labels, _counter(counts)))
+    near_counts = [(n, sum(c for v, c in d.items() if v >= near)) for n, d in phases]
+    out.append(_series("inspection_near_threshold_images_total", labels, _counter(near_counts)))
+    if reference is not None:
+        steps = sum(n for n, _ in phases)
+        out.append(_series("inspection_calibration_reference_score", labels,
+                           f"{reference}+0x{steps}"))  # fmt: skip
+    return out
+
+
+def fired(alertname: str, eval_time: str, *models: str) -> dict[str, Any]:
+    return {
+        "eval_time": eval_time,
+        "alertname": alertname,
+        "exp_alerts": [
+            {"exp_labels": {"severity": "warning", "model": m, "version": "1"}} for m in models
+        ],
+    }
+
+
+def promtool_test_alerts(tmp_path: Path, tests: list[dict[str, Any]]) -> str:
+    """Run ``promtool test rules`` on the alert rules; returns its output on failure, '' on success.
+
+    The annotations are left out of the copy under test: promtool would
+    compare their rendered text, which the assertions here do not care for.
+    """
+    promtool = tool("promtool", "Debian prometheus")
+    doc = yaml.safe_load(ALERTS.read_text())
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(doc))
+    spec = {"rule_files": ["alerts.yml"], "evaluation_interval": "1m", "tests": tests}
+    (tmp_path / "alerts_test.yml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = run([promtool, "test", "rules", "alerts_test.yml"], cwd=tmp_path)
+    return "" if result.returncode == 0 else result.stdout + result.stderr
+
+
+def test_drift_alerts_fire_on_drift_and_only_then(tmp_path: Path) -> None:
+    # 10 good parts a minute; with a reference of 0.4, a median near 0.58 is
+    # drift (> 0.5), with a reference of 0.5 it is not (< 0.625); a line that
+    # inspects too few parts stays silent; 40% near the threshold alerts, 10% not.
+    drifting = {0.3: 2, 0.58: 5, 0.7: 3}
+    series = [
+        *line_series("drifted", [(120, drifting)], reference=0.4),
+        *line_series("steady", [(120, {0.3: 2, 0.58: 5, 0.7: 2, 0.82: 1})], reference=0.5),
+        *line_series("quiet", [(120, {0.58: 1})], reference=0.4),
+        *line_series("near", [(120, {0.5: 6, 0.85: 4})], reference=0.5),
+    ]
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": series,
+            "alert_rule_test": [
+                fired("InspectionGoodScoreDrift", "10m"),  # pending: not yet 15 minutes
+                fired("InspectionGoodScoreDrift", "60m", "drifted"),
+                fired("InspectionGoodScoreDrift", "110m", "drifted"),
+                fired("InspectionGoodScoreDriftDaily", "110m"),  # all have a reference
+                fired(NEAR_ALERT, "60m", "near"),
+            ],
+        }
+    ]
+    failure = promtool_test_alerts(tmp_path, tests)
+    assert not failure, failure
+
+
+def test_daily_drift_alert_compares_with_yesterday_without_a_reference(tmp_path: Path) -> None:
+    # Scrapes every 10 minutes: a day of good parts around 0.4, then two
+    # hours around 0.6. Without a reference the daily rule fires; with one
+    # (0.55, so the reference rule holds still) the daily rule stays out of it.
+    day, after = (144, {0.38: 60, 0.42: 40}), (18, {0.58: 60, 0.62: 40})
+    series = [
+        *line_series("nightly", [day, after], reference=None),
+        *line_series("calibrated", [day, after], reference=0.55),
+        *line_series("level", [day, (18, day[1])], reference=None),
+    ]
+    tests = [
+        {
+            "interval": "10m",
+            "input_series": series,
+            "alert_rule_test": [
+                fired("InspectionGoodScoreDriftDaily", "23h"),  # no day before yet
+                fired("InspectionGoodScoreDriftDaily", "26h", "nightly"),
+                fired("InspectionGoodScoreDrift", "26h"),
+                fired(NEAR_ALERT, "26h"),
+            ],
+        }
+    ]
+    failure = promtool_test_alerts(tmp_path, tests)
+    assert not failure, failure
+
+
+def test_drift_alert_test_can_fail(tmp_path: Path) -> None:
+    # The harness reports an alert that does not fire where one is expected.
+    series = line_series("steady", [(120, {0.3: 5, 0.58: 5})], reference=0.5)
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": series,
+            "alert_rule_test": [fired("InspectionGoodScoreDrift", "60m", "steady")],
+        }
+    ]
+    assert "InspectionGoodScoreDrift" in promtool_test_alerts(tmp_path, tests)
+
+
+def test_drift_alerts_say_how_to_recalibrate() -> None:
+    rules = {
+        r["alert"]: r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]
+    }
+    for name in (*DRIFT_ALERTS, NEAR_ALERT):
+        rule = rules[name]
+        summary = rule["annotations"]["summary"]
+        assert "python -m service.recalibrate" in summary, name
+        assert "/v1/models/recalibrate" in summary, name
+        assert rule["for"] == "15m" and "increase(inspection_good_score_count[1h])" in rule["expr"]
+
+
 # --------------------------------------------------------------------- Grafana
 
 
@@ -254,7 +412,8 @@ def test_grafana_provisioning_matches_the_dashboard() -> None:
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)), "panel ids repeat"
     titles = " ".join(p["title"].lower() for p in dash["panels"])
-    for needed in ("verdict", "defect rate", "p50", "queue", "batch", "rejected", "tile", "model"):
+    needed_titles = ("verdict", "defect rate", "p50", "queue", "batch", "rejected", "tile", "model")
+    for needed in (*needed_titles, "drift", "near the threshold"):
         assert needed in titles, needed
 
 

@@ -1,11 +1,8 @@
-"""The shared calibration and metrics: PRO, balanced accuracy, thresholds."""
+"""The shared quality metrics: PRO, balanced accuracy."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
-
-from model_export.calibration import calibrate_thresholds, rule_flags, rule_score
 from model_export.evaluation import max_balanced_accuracy, pro_score
 
 
@@ -45,25 +42,3 @@ def test_max_balanced_accuracy() -> None:
     assert np.isclose(
         max_balanced_accuracy(labels, np.array([0.2, 0.3, 0.4, 0.1, 0.8, 0.9])), 5 / 6
     )
-
-
-def test_calibration_meets_the_target_on_the_holdout() -> None:
-    rng = np.random.default_rng(1)
-    errors = rng.gamma(2.0, 1.0, size=(400, 10))
-    for target in (0.0, 0.01, 0.05, 0.2):
-        eps, achieved = calibrate_thresholds(errors, target)
-        assert eps.shape == (10,) and (eps > 0).all()
-        rule = (errors > eps).any(axis=1).mean()
-        assert achieved == rule <= target
-    # A looser target gives lower thresholds.
-    assert (calibrate_thresholds(errors, 0.2)[0] < calibrate_thresholds(errors, 0.01)[0]).all()
-
-
-def test_rule_score_is_above_one_exactly_where_the_rule_flags() -> None:
-    eps = np.linspace(1.0, 2.0, 10)
-    errors = np.tile(eps * 0.5, (3, 1))
-    errors[1, 0] = 1.5  # e0 over eps0
-    errors[2, 9] = 2.0  # tile 9 exactly at its threshold: not over it
-    assert rule_score(errors, eps) == pytest.approx([0.5, 1.5, 1.0])
-    assert rule_flags(errors, eps).tolist() == [False, True, False]
-    assert bool(rule_flags(errors[1], eps)) and rule_score(errors[1], eps) == 1.5  # one image

@@ -85,3 +85,15 @@ def test_settings_defaults_serve_the_embedded_model(monkeypatch: pytest.MonkeyPa
     assert s.api_keys == ()
     assert s.providers[0] == "CUDAExecutionProvider"  # CUDA first where onnxruntime has it
     assert s.intra_op_spinning is False  # the cores are shared with decoding and HTTP
+
+
+def test_score_is_the_largest_of_image_and_tile_scores() -> None:
+    # The rule's one number (service.calibration.rule_score): above 1 is defective.
+    tiles = np.full(9, 0.5)
+    tiles[2] = 0.9
+    d = decide(1.0, tiles, EPS)  # image 0.5, tile 3 0.9
+    assert d.score == pytest.approx(0.9) and d.verdict == DEFECT_FREE
+    d = decide(3.0, tiles, EPS)  # image 1.5 beats every tile
+    assert d.score == pytest.approx(1.5) and d.verdict == DEFECTIVE
+    d = decide(2.0, np.full(9, 1.0), EPS)  # exactly at the threshold: still good
+    assert d.score == 1.0 and d.verdict == DEFECT_FREE

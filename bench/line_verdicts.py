@@ -1,0 +1,155 @@
+"""What a line sees of the calibrated rule: every test image posted to a real server.
+
+    python -m bench.line_verdicts \\
+        models/bottle-pwae=../shared/datasets/mvtec_ad/bottle \\
+        models/bottle-otproto=../shared/datasets/mvtec_ad/bottle \\
+        --out line_verdicts
+
+For each ARTIFACT=CATEGORY pair a server is started on the artifact (its
+newest version, or the version named), every image of the category's test
+split is encoded as the camera would send it (the codec the thresholds were
+calibrated for, unless ``--codec`` says otherwise) and posted to
+``/v1/inspect``, and the answers are counted: good parts rejected against
+the false-reject rate the calibration promised, defective parts detected,
+and the AUROC of the answered score max_k(ek/epsk) next to them. The test
+split only measures here; nothing is fitted on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from bench.common import OUT_HELP, print_table, write_json
+from service.artifact import read_metadata, resolve_version_dir
+from service.codec import apply_codec
+from service.contract import Codec
+from tests.helpers.server import run_server
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "bmp": "image/bmp", "tiff": "image/tiff"}
+
+
+def test_images(category: Path) -> list[tuple[Path, int]]:
+    """(image, 1 if defective) for the category's test split, good first."""
+    out = []
+    for d in sorted((category / "test").iterdir(), key=lambda p: (p.name != "good", p.name)):
+        if d.is_dir():
+            out += [(p, int(d.name != "good")) for p in sorted(d.iterdir())
+                    if p.suffix.lower() in IMAGE_EXTS]  # fmt: skip
+    return out
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mann-Whitney AUROC, ties counted half."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def measure(version_dir: Path, category: Path, codec: Codec | None) -> dict[str, Any]:
+    meta = read_metadata(version_dir)
+    cal = meta.calibration
+    sent = codec or cal.codec
+    items = test_images(category)
+    verdicts, scores, labels = [], [], []
+    with (
+        tempfile.TemporaryDirectory() as logs,
+        run_server(version_dir, Path(logs)) as server,
+        httpx.Client(base_url=server.base, timeout=60) as client,
+    ):
+        for path, label in items:
+            body = apply_codec(path.read_bytes(), sent)
+            r = client.post(
+                "/v1/inspect", content=body, headers={"content-type": MEDIA[sent.format]}
+            )
+            if r.status_code != 200:
+                raise SystemExit(f"{path}: {r.status_code} {r.text}")
+            answer = r.json()
+            verdicts.append(answer["verdict"] == "defective")
+            scores.append(max([answer["image"]["score"], *(t["score"] for t in answer["tiles"])]))
+            labels.append(label)
+    flagged, y, s = np.array(verdicts), np.array(labels), np.array(scores)
+    good, bad = y == 0, y == 1
+    return {
+        "model": f"{meta.name}/{meta.version}",
+        "family": meta.family,
+        "category": str(category),
+        "codec_sent": str(sent),
+        "calibrated_for": str(cal.codec),
+        "calibration_images": cal.holdout_images,
+        "target_fpr": cal.target_fpr,
+        "promised_fpr": cal.promised_fpr,
+        "fpr_upper_90": cal.fpr_upper_90,
+        "good_images": int(good.sum()),
+        "good_rejected": int(flagged[good].sum()),
+        "false_reject_rate": float(flagged[good].mean()) if good.any() else float("nan"),
+        "defective_images": int(bad.sum()),
+        "defective_detected": int(flagged[bad].sum()),
+        "detection_rate": float(flagged[bad].mean()) if bad.any() else float("nan"),
+        "image_auroc": auroc(y, s),
+    }
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def table_rows(results: Sequence[dict[str, Any]]) -> list[list[object]]:
+    return [
+        [
+            r["model"], Path(r["category"]).name, r["codec_sent"], r["calibrated_for"],
+            f"{r['good_rejected']}/{r['good_images']} ({_pct(r['false_reject_rate'])})",
+            f"{_pct(r['promised_fpr'])} / {_pct(r['fpr_upper_90'])}",
+            f"{r['defective_detected']}/{r['defective_images']} ({_pct(r['detection_rate'])})",
+            f"{r['image_auroc']:.3f}",
+        ]
+        for r in results
+    ]  # fmt: skip
+
+
+HEADERS = [
+    "model", "category", "sent as", "calibrated for", "good rejected",
+    "promised (expected / 90%)", "defective detected", "image AUROC",
+]  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "pairs", nargs="+", metavar="ARTIFACT=CATEGORY",
+        help="a model (version) directory and the category directory its test split is in",
+    )  # fmt: skip
+    ap.add_argument(
+        "--codec", type=Codec.parse, action="append", default=[],
+        help="send the images as this codec (repeatable) instead of the calibrated one",
+    )  # fmt: skip
+    ap.add_argument("--out", default="line_verdicts", help=OUT_HELP)
+    args = ap.parse_args(argv)
+    results = []
+    for pair in args.pairs:
+        artifact, sep, category = pair.partition("=")
+        if not sep:
+            ap.error(f"{pair!r}: expected ARTIFACT=CATEGORY")
+        version_dir = resolve_version_dir(Path(artifact))
+        for codec in args.codec or [None]:
+            results.append(measure(version_dir, Path(category), codec))
+            print_table(HEADERS, table_rows(results[-1:]))
+    print()
+    print("| " + " | ".join(HEADERS) + " |")
+    print("|" + "---|" * len(HEADERS))
+    for row in table_rows(results):
+        print("| " + " | ".join(map(str, row)) + " |")
+    print(f"wrote {write_json(args.out, {'results': results})}")
+
+
+if __name__ == "__main__":
+    main()
