@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from model_export.evaluation import max_balanced_accuracy, pro_score
 
 
