@@ -96,6 +96,10 @@ def measure(version_dir: Path, category: Path, codec: Codec | None) -> dict[str,
         "defective_detected": int(flagged[bad].sum()),
         "detection_rate": float(flagged[bad].mean()) if bad.any() else float("nan"),
         "image_auroc": auroc(y, s),
+        # What the drift alert watches: the median score of the good parts
+        # against the calibration images' median (alerts.yml fires at 1.25x).
+        "good_median_score": float(np.median(s[good])) if good.any() else float("nan"),
+        "reference_score": cal.reference_score,
     }
 
 
@@ -111,6 +115,8 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[list[object]]:
             f"{_pct(r['promised_fpr'])} / {_pct(r['fpr_upper_90'])}",
             f"{r['defective_detected']}/{r['defective_images']} ({_pct(r['detection_rate'])})",
             f"{r['image_auroc']:.3f}",
+            "-" if r["reference_score"] is None
+            else f"{r['good_median_score'] / r['reference_score']:.2f}",
         ]
         for r in results
     ]  # fmt: skip
@@ -119,6 +125,7 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[list[object]]:
 HEADERS = [
     "model", "category", "sent as", "calibrated for", "good rejected",
     "promised (expected / 90%)", "defective detected", "image AUROC",
+    "good median / calibration median",
 ]  # fmt: skip
 
 

@@ -66,6 +66,7 @@ from service.contract import (
     TileGrid,
     TrainingData,
 )
+from service.recalibration import images_fingerprint
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -255,7 +256,9 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
             reference_score=cal.get("reference_score"),
             codec=Codec.parse(cal.get("codec", "png")),
             calibrated_at=datetime.now(UTC),
-            images_sha256=fingerprint(checkpoint_split(ckpt, "holdout")),
+            images_sha256=images_fingerprint(
+                [p.read_bytes() for p in checkpoint_split(ckpt, "holdout")]
+            ),
         ),
         training_data=TrainingData(
             dataset=str(manifest.get("dataset", data.parent.name)),

@@ -63,4 +63,13 @@ def test_the_default_model_is_served_with_its_metadata(server: Server) -> None:
     meta = info["metadata"]
     assert meta["training_data"]["category"] == "bottle"
     assert meta["evaluation"]["metrics"]["image_auroc"] > 0.5
-    assert meta["calibration"]["target_fpr"] == 0.01
+    cal = meta["calibration"]
+    assert cal["target_fpr"] == 0.01
+    # Calibrated with a promise on new good parts: 42 held-out images can
+    # promise 1/43 at best, which the record says, with the scales it used.
+    assert cal["method"] == "conformal-max-normalised-error"
+    assert cal["holdout_images"] == 42
+    assert cal["promised_fpr"] == pytest.approx(1 / 43)
+    assert cal["images_for_target"] == 99
+    eps = [meta["thresholds"]["eps0"], *meta["thresholds"]["tiles"]]
+    assert eps == pytest.approx([cal["score_threshold"] * s for s in cal["scales"]])
