@@ -8,7 +8,8 @@
 For each ARTIFACT=CATEGORY pair a server is started on the artifact (its
 newest version, or the version named), every image of the category's test
 split is encoded as the camera would send it (the codec the thresholds were
-calibrated for, unless ``--codec`` says otherwise) and posted to
+calibrated for, unless the pair ends in ``@CODEC``, e.g.
+``models/bottle-pwae=../shared/datasets/mvtec_ad/bottle@jpeg:90``) and posted to
 ``/v1/inspect``, and the answers are counted: good parts rejected against
 the false-reject rate the calibration promised, defective parts detected,
 and the AUROC of the answered score max_k(ek/epsk) next to them. The test
@@ -132,24 +133,21 @@ HEADERS = [
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "pairs", nargs="+", metavar="ARTIFACT=CATEGORY",
-        help="a model (version) directory and the category directory its test split is in",
-    )  # fmt: skip
-    ap.add_argument(
-        "--codec", type=Codec.parse, action="append", default=[],
-        help="send the images as this codec (repeatable) instead of the calibrated one",
+        "pairs", nargs="+", metavar="ARTIFACT=CATEGORY[@CODEC]",
+        help="a model (version) directory, the category directory of its test split and, "
+        "optionally, the codec to send the images as (default: the calibrated one)",
     )  # fmt: skip
     ap.add_argument("--out", default="line_verdicts", help=OUT_HELP)
     args = ap.parse_args(argv)
     results = []
     for pair in args.pairs:
-        artifact, sep, category = pair.partition("=")
-        if not sep:
-            ap.error(f"{pair!r}: expected ARTIFACT=CATEGORY")
-        version_dir = resolve_version_dir(Path(artifact))
-        for codec in args.codec or [None]:
-            results.append(measure(version_dir, Path(category), codec))
-            print_table(HEADERS, table_rows(results[-1:]))
+        artifact, sep, rest = pair.partition("=")
+        category, _, codec = rest.partition("@")
+        if not sep or not category:
+            ap.error(f"{pair!r}: expected ARTIFACT=CATEGORY[@CODEC]")
+        sent = Codec.parse(codec) if codec else None
+        results.append(measure(resolve_version_dir(Path(artifact)), Path(category), sent))
+        print_table(HEADERS, table_rows(results[-1:]))
     print()
     print("| " + " | ".join(HEADERS) + " |")
     print("|" + "---|" * len(HEADERS))

@@ -142,7 +142,12 @@ def calibrate_artifact(
     )  # fmt: skip
     info = {k: v for k, v in parent.model_info.items() if not k.startswith("validation_")}
     meta = meta.model_copy(
-        update={"model_info": {**info, **{f"validation_{k}": round(v, 4) for k, v in val.items()}}}
+        update={
+            # Named after its directory, as export names a model: a copy
+            # calibrated for another line may live under another name.
+            "name": model_dir.name,
+            "model_info": {**info, **{f"validation_{k}": round(v, 4) for k, v in val.items()}},
+        }
     )
     new = write_artifact(model_dir / str(version), (art.path / MODEL_FILE).read_bytes(), meta)
     (new / "evaluation.json").write_text(json.dumps(per_image, indent=2) + "\n")
