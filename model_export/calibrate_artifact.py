@@ -169,12 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     new, cal, m = calibrate_artifact(
         args.version_dir, args.data, args.target_fpr, args.codec, args.out
     )
-    tiles = np.round(cal.eps[1:], 4).tolist()
-    print(f"wrote {new}: eps0={cal.eps[0]:.4g}, tiles {tiles} ({args.codec})")
-    print(
-        f"{cal.images} held-out images promise a false-reject rate of at most "
-        f"{cal.promised_fpr:.2%} expected, {cal.fpr_upper_90:.2%} with 90% probability"
-    )
+    print(f"wrote {new}, calibrated for {args.codec}: {cal.report()}")
     if (warning := cal.warning()) is not None:
         print(f"warning: {warning}", file=sys.stderr)
     print(

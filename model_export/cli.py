@@ -167,12 +167,7 @@ def calibrate(work: Path, target_fpr: float, codec: Codec | None = None) -> None
             "validation": validation,
         },
     )
-    eps = cal.eps
-    print(f"eps0={eps[0]:.4g}, tiles {np.round(eps[1:], 4).tolist()} ({codec})")
-    print(
-        f"{cal.images} held-out images: false-reject rate on new good images at most "
-        f"{cal.promised_fpr:.2%} expected, {cal.fpr_upper_90:.2%} with 90% probability"
-    )
+    print(f"calibrated for {codec}: {cal.report()}")
     if (warning := cal.warning()) is not None:
         print(f"warning: {warning}", file=sys.stderr)
     print(

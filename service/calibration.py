@@ -125,6 +125,16 @@ class ConformalThresholds:
     def supports_target(self) -> bool:
         return self.promised_fpr <= self.target_fpr + 1e-12
 
+    def report(self) -> str:
+        """The thresholds and the promise, as an operator reads them."""
+        tiles = ", ".join(f"{e:.4g}" for e in self.eps[1:])
+        return (
+            f"eps0={self.eps[0]:.4g}, tiles {tiles}\n"
+            f"{self.images} calibration images promise a false-reject rate on new good "
+            f"parts of at most {self.promised_fpr:.2%} expected, {self.fpr_upper_90:.2%} "
+            "with 90% probability"
+        )
+
     def warning(self) -> str | None:
         """Why the target cannot be promised with these images, and what would do."""
         if self.supports_target:

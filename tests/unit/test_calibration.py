@@ -101,6 +101,9 @@ def test_a_target_too_small_for_the_images_is_said_with_what_would_do() -> None:
     assert not small.supports_target
     warning = small.warning()
     assert warning is not None and "99 good images" in warning and "2.33%" in warning
+    report = small.report()
+    assert f"eps0={small.eps[0]:.4g}" in report
+    assert "42 calibration images" in report and "2.33% expected, 5.33% with 90%" in report
     assert conformal_thresholds(_good_errors(rng, 152), scales, 0.01).warning() is None
 
 
