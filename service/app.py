@@ -486,7 +486,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        watcher = None
+        if settings.model_poll_s > 0:
+            watcher = loop.create_task(runtime.watch(settings.model_poll_s))
         yield
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.remove_signal_handler(signal.SIGHUP)
         await batcher.stop()

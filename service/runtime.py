@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.artifact import ArtifactError, LoadedArtifact, load_artifact
+from service.artifact import ArtifactError, LoadedArtifact, load_artifact, resolve_version_dir
 from service.contract import INPUT_NAME, OUTPUT_NAMES
 from service.logs import log
 from service.metrics import Metrics
@@ -52,6 +52,7 @@ class ModelRuntime:
         self.metrics = metrics
         self._current: LoadedArtifact | None = None
         self._reload_lock = asyncio.Lock()
+        self._failed: Path | None = None  # the newest version, where it failed to load
 
     @property
     def ready(self) -> bool:
@@ -109,3 +110,27 @@ class ModelRuntime:
             self._install(art)
             self.metrics.reloads.labels("success").inc()
             return art
+
+    async def watch(self, interval_s: float) -> None:
+        """Reload whenever the newest version under the model directory is not
+        the one in service: a version written by ``service.recalibrate`` (or a
+        trainer) is picked up without a signal, on every replica that shares
+        the directory, and removing it rolls back the same way.
+
+        A version that fails to load is tried again only once the directory's
+        newest version changes, so a broken one is reported once, not every poll.
+        """
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                newest = await asyncio.to_thread(resolve_version_dir, self.settings.model_dir)
+            except ArtifactError as exc:
+                log(logger, logging.WARNING, "model directory unreadable", error=str(exc))
+                continue
+            if self._current is None or newest in (self._current.path, self._failed):
+                continue
+            try:
+                await self.reload()
+                self._failed = None
+            except ArtifactError:
+                self._failed = newest  # counted and logged in reload

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     keep_alive_s: float = Field(5.0, gt=0)
     read_timeout_s: float = Field(30.0, gt=0)
     graceful_shutdown_s: float = Field(20.0, gt=0)
+    # Seconds between looks for a newer version under model_dir (a
+    # recalibration, a new training); 0: only SIGHUP or POST /v1/models/reload
+    # swap models, as before.
+    model_poll_s: float = Field(0.0, ge=0)
     # A good part whose rule score is at or above this fraction of the threshold
     # (1.0) counts as near it: a growing share of them is drift (docs/deployment.md).
     near_threshold: float = Field(0.8, gt=0, lt=1)

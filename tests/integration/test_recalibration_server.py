@@ -190,3 +190,55 @@ def test_cli_on_real_bottle_images_then_sighup(tmp_path: Path) -> None:
         assert r.status_code == 200 and r.json()["model"]["version"] == new_version
     assert _files(model_dir / served.name) == parent_files
     assert (model_dir / str(new_version) / METADATA_FILE).is_file()
+
+
+def _served_version(server: Server) -> int:
+    return int(httpx.get(f"{server.base}/v1/models", timeout=10).json()["version"])
+
+
+def _wait_for_version(server: Server, version: int, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if _served_version(server) == version:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"still serving {_served_version(server)}, not {version}: {server.logs()}")
+
+
+def test_a_polling_server_serves_a_recalibration_without_a_signal_and_rolls_back(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "models"
+    write_toy_artifact(root, name="toy", version=1, eps0=3.0, tiles=(3.0,) * 9)
+    model_dir = root / "toy"
+    images = tmp_path / "good"
+    images.mkdir()
+    for i, data in enumerate(PARTS[:20]):
+        (images / f"part-{i:02d}.png").write_bytes(data)
+    with run_server(model_dir, tmp_path, model_poll_s="0.2") as server:
+        assert _served_version(server) == 1
+        cli = [sys.executable, "-m", "service.recalibrate", "--model-dir", str(model_dir),
+               "--images", str(images), "--operator", "J. Smith"]  # fmt: skip
+        done = subprocess.run(cli, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        _wait_for_version(server, 2)
+        # A broken newer version: the served one stays, and the failure is
+        # reported once, not on every poll.
+        broken = model_dir / "3"
+        shutil.copytree(model_dir / "2", broken)
+        (broken / MODEL_FILE).write_bytes(b"not a graph")
+        time.sleep(2.0)  # ten polls
+        assert _served_version(server) == 2
+        metrics = httpx.get(f"{server.base}/metrics", timeout=10).text
+        assert 'inspection_model_reloads_total{result="failure"} 1.0' in metrics
+        # Rolling back is removing versions: the server follows the newest.
+        shutil.rmtree(broken)
+        shutil.rmtree(model_dir / "2")
+        _wait_for_version(server, 1)
+        r = httpx.post(
+            f"{server.base}/v1/inspect",
+            content=PARTS[0],
+            headers={"content-type": "image/png"},
+            timeout=30,
+        )
+        assert r.status_code == 200 and r.json()["model"]["version"] == 1
