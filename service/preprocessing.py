@@ -31,7 +31,7 @@ from enum import StrEnum
 import cv2
 import numpy as np
 
-from service.codec import detect_codec
+from service.codec import detect_codec, sniff_format
 from service.contract import Codec, InputSpec, Normalization, TileGrid
 
 DEFAULT_MAX_PIXELS = 40_000_000  # a 4096x3000 camera frame is 12.3 MP
@@ -66,22 +66,16 @@ class PreparedImage:
 
 # --- header parsing: size and format without decoding -------------------------
 
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND\xae\x42\x60\x82"
 # JPEG start-of-frame markers carry the size; C4 (DHT), C8 (JPG) and CC (DAC) do not.
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
 def _sniff(data: bytes) -> str:
-    if data.startswith(_PNG_SIG):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if data.startswith(b"BM"):
-        return "bmp"
-    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    raise InputRejected(Reject.UNSUPPORTED_FORMAT, "not a PNG, JPEG, BMP or TIFF image")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise InputRejected(Reject.UNSUPPORTED_FORMAT, "not a PNG, JPEG, BMP or TIFF image")
+    return fmt
 
 
 def _truncated(fmt: str) -> InputRejected:
