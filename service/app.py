@@ -26,7 +26,6 @@ from starlette.datastructures import UploadFile
 from starlette.requests import ClientDisconnect
 
 from service import logs
-from service.artifact import ArtifactError
 from service.batcher import Batcher, InferenceFailed, QueueFull, Scored
 from service.decision import DEFECT_FREE, Decision, decide
 from service.heatmap import overlay, to_png
@@ -402,25 +401,6 @@ async def models(runtime: RuntimeDep) -> ModelInfo:
         name=meta.name, version=meta.version, family=meta.family, provider=art.provider,
         path=str(art.path), metadata=meta.model_dump(mode="json"),
     )  # fmt: skip
-
-
-@v1.post(
-    "/models/reload",
-    response_model=ModelInfo,
-    dependencies=[Depends(require_admin_key)],
-    summary="Load the newest model version and swap it in",
-    responses={
-        409: {"model": ErrorResponse, "description": "the new version failed; old one serves"}
-    },
-)
-async def reload_model(runtime: RuntimeDep) -> ModelInfo:
-    """Verify and warm up the newest version under the model directory, then swap
-    it in atomically. On failure the model in service stays and 409 says why."""
-    try:
-        await runtime.reload()
-    except ArtifactError as exc:
-        raise ApiError(409, "reload_failed", str(exc)) from exc
-    return await models(runtime)
 
 
 ops = APIRouter()

@@ -1,10 +1,10 @@
-"""Admin routes beyond reload: recalibrating the served model on line images.
+"""The admin routes: reloading the model, and recalibrating it on line images.
 
-Included by :func:`service.app.create_app` next to the ``/v1`` router, with
-the same dependencies as ``POST /v1/models/reload``: the API key of ``/v1``
-(when keys are configured) and the admin key. The work itself is
-:mod:`service.recalibration`; this route only reads the form, runs it in a
-thread on the served artifact's own session and swaps the new version in.
+Included by :func:`service.app.create_app` next to the ``/v1`` router; the
+admin key (``INSPECTION_ADMIN_KEY``) opens them, and nothing else does. The
+recalibration itself is :mod:`service.recalibration`; its route only reads
+the form, runs it in a thread on the served artifact's own session and swaps
+the new version in.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from service.app import (
     SettingsDep,
     models,
     require_admin_key,
-    require_api_key,
 )
 from service.artifact import ArtifactError
 from service.contract import METADATA_FILE
@@ -36,7 +35,7 @@ from service.recalibration import (
     parse_target,
     recalibrate,
 )
-from service.schemas import ErrorResponse, RecalibrationResponse, RecalibrationSummary
+from service.schemas import ErrorResponse, ModelInfo, RecalibrationResponse, RecalibrationSummary
 
 RECALIBRATION_BODY = {
     "requestBody": {
@@ -80,7 +79,27 @@ def _lock(request: Request) -> asyncio.Lock:
 
 LockDep = Annotated[asyncio.Lock, Depends(_lock)]
 
-admin = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
+# The admin key alone opens these routes: it is no client key, and with
+# INSPECTION_API_KEYS set a client key must not open them either.
+admin = APIRouter(prefix="/v1", dependencies=[Depends(require_admin_key)], responses=ERRORS)
+
+
+@admin.post(
+    "/models/reload",
+    response_model=ModelInfo,
+    summary="Load the newest model version and swap it in",
+    responses={
+        409: {"model": ErrorResponse, "description": "the new version failed; old one serves"}
+    },
+)
+async def reload_model(runtime: RuntimeDep) -> ModelInfo:
+    """Verify and warm up the newest version under the model directory, then swap
+    it in atomically. On failure the model in service stays and 409 says why."""
+    try:
+        await runtime.reload()
+    except ArtifactError as exc:
+        raise ApiError(409, "reload_failed", str(exc)) from exc
+    return await models(runtime)
 
 
 def _text(form: Any, key: str) -> str | None:
@@ -91,7 +110,6 @@ def _text(form: Any, key: str) -> str | None:
 @admin.post(
     "/models/recalibrate",
     response_model=RecalibrationResponse,
-    dependencies=[Depends(require_admin_key)],
     openapi_extra=RECALIBRATION_BODY,
     summary="Recalibrate the served model on good parts and serve the new version",
     responses={409: {"model": ErrorResponse, "description": "the new version could not be served"}},

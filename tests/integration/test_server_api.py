@@ -338,9 +338,16 @@ def test_api_keys(models: Path, tmp_path: Path) -> None:
             assert r.status_code == 200, r.text
         r = httpx.get(f"{s.base}/v1/models", headers={"authorization": "Bearer key-two"})
         assert r.status_code == 200
-        # A client key is no admin key; health and metrics need none.
+        # A client key is no admin key, and the admin key alone is enough for
+        # the admin routes; health and metrics need none.
         r = httpx.post(f"{s.base}/v1/models/reload", headers={"x-api-key": "key-one"})
         assert_api_error(r, 403, "invalid_api_key")
+        r = httpx.post(f"{s.base}/v1/models/recalibrate", headers={"x-api-key": "key-one"})
+        assert_api_error(r, 403, "invalid_api_key")
+        r = httpx.post(f"{s.base}/v1/models/reload", headers={"x-api-key": "admin-key"})
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{s.base}/v1/models/recalibrate", headers={"x-api-key": "admin-key"})
+        assert_api_error(r, 415, "unsupported_media_type")  # past the keys, to the body
         assert httpx.get(f"{s.base}/healthz").status_code == 200
         assert httpx.get(f"{s.base}/metrics").status_code == 200
         assert "key-one" not in s.logs() and "admin-key" not in s.logs()
