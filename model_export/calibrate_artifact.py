@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from model_export.data import fingerprint, split_train, test_set
-from model_export.evaluation import evaluate_scores
+from model_export.evaluation import evaluate_scores, verdicts
 from model_export.validation import synthetic_defectives
 from service.artifact import LoadedArtifact, load_artifact, next_version, write_artifact
 from service.calibration import (
@@ -95,17 +95,7 @@ def evaluation(
     errors, maps = _run(art, tensors)
     labels = np.array([y for _, y, _ in items])
     metrics = evaluate_scores(errors, maps, labels, np.stack([m for _, _, m in items]), eps)
-    per_image: list[dict[str, object]] = [
-        {
-            "image": str(p.relative_to(data)),
-            "label": "defective" if y else "defect_free",
-            "verdict": "defective" if bool(rule_flags(e, eps)) else "defect_free",
-            "e0": float(e[0]),
-            "tile_errors": [float(v) for v in e[1:]],
-            "score": float(rule_score(e, eps)),
-        }
-        for (p, y, _), e in zip(items, errors, strict=True)
-    ]
+    per_image = verdicts(items, errors, eps, data)
     return metrics, per_image
 
 

@@ -44,7 +44,7 @@ from model_export.data import (
     split_train,
     test_set,
 )
-from model_export.evaluation import evaluate_scores, score
+from model_export.evaluation import evaluate_scores, score, verdicts
 from model_export.families import get_family, load_checkpoint
 from model_export.report import write_plots, write_summary
 from model_export.validation import synthetic_validation
@@ -54,8 +54,6 @@ from service.calibration import (
     conformal_thresholds,
     error_scales,
     images_for_target,
-    rule_flags,
-    rule_score,
 )
 from service.contract import (
     Calibration,
@@ -198,17 +196,7 @@ def evaluate(work: Path) -> dict[str, float]:
             f"{cal['fpr_upper_90']:.2%} with 90% probability); "
             f"detected {metrics['detection_rate']:.2%} of defective ones ({codec})"
         )
-    per_image = [
-        {
-            "image": str(p.relative_to(data)),
-            "label": "defective" if y else "defect_free",
-            "verdict": "defective" if bool(rule_flags(e, eps)) else "defect_free",
-            "e0": float(e[0]),
-            "tile_errors": [float(v) for v in e[1:]],
-            "score": float(rule_score(e, eps)),
-        }
-        for (p, y, _), e in zip(items, errors, strict=True)
-    ]
+    per_image = verdicts(items, errors, eps, data)
     _save(work, "evaluation.json", metrics)
     _save(work, "per_image.json", per_image)
     write_plots(work, items, errors, maps, eps, labels)

@@ -55,6 +55,24 @@ def _score_batches(
     return np.concatenate(errs), np.concatenate(maps)
 
 
+def verdicts(
+    items: Sequence[tuple[Path, int, np.ndarray]], errors: np.ndarray, eps: np.ndarray, root: Path
+) -> list[dict[str, object]]:
+    """The calibrated rule's verdict and errors of every test image, for checking
+    a deployment against (an artifact's evaluation.json)."""
+    return [
+        {
+            "image": str(p.relative_to(root)),
+            "label": "defective" if y else "defect_free",
+            "verdict": "defective" if bool(rule_flags(e, eps)) else "defect_free",
+            "e0": float(e[0]),
+            "tile_errors": [float(v) for v in e[1:]],
+            "score": float(rule_score(e, eps)),
+        }
+        for (p, y, _), e in zip(items, errors, strict=True)
+    ]
+
+
 def max_balanced_accuracy(labels: np.ndarray, scores: np.ndarray) -> float:
     from sklearn.metrics import roc_curve
 
