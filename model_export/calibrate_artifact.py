@@ -27,14 +27,12 @@ import numpy as np
 
 from model_export.data import fingerprint, split_train, test_set
 from model_export.evaluation import evaluate_scores, verdicts
-from model_export.validation import synthetic_defectives
+from model_export.validation import synthetic_defectives, validation_figures
 from service.artifact import LoadedArtifact, load_artifact, next_version, write_artifact
 from service.calibration import (
     ConformalThresholds,
     conformal_thresholds,
     error_scales,
-    rule_flags,
-    rule_score,
 )
 from service.codec import apply_codec
 from service.contract import (
@@ -70,18 +68,9 @@ def validation(
     codec: Codec,
 ) -> dict[str, float]:
     """As model_export.validation.synthetic_validation, scored by the graph."""
-    from sklearn.metrics import roc_auc_score
-
     meta = art.metadata
     bad, _ = _run(art, [t.numpy() for t in synthetic_defectives(hold, seed, 2, meta.input, codec)])
-    good_s, bad_s = rule_score(hold_errors, eps), rule_score(bad, eps)
-    labels = np.r_[np.zeros(len(good_s)), np.ones(len(bad_s))]
-    return {
-        "synthetic_auroc": float(roc_auc_score(labels, np.r_[good_s, bad_s])),
-        "synthetic_auroc_e0": float(roc_auc_score(labels, np.r_[hold_errors[:, 0], bad[:, 0]])),
-        "synthetic_detected": float(rule_flags(bad, eps).mean()),
-        "synthetic_images": float(len(bad_s)),
-    }
+    return validation_figures(hold_errors, bad, eps)
 
 
 def evaluation(

@@ -28,7 +28,6 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,12 +48,7 @@ from model_export.families import get_family, load_checkpoint
 from model_export.report import write_plots, write_summary
 from model_export.validation import synthetic_validation
 from service.artifact import next_version, write_artifact
-from service.calibration import (
-    METHOD,
-    conformal_thresholds,
-    error_scales,
-    images_for_target,
-)
+from service.calibration import conformal_thresholds, error_scales
 from service.contract import (
     Calibration,
     Codec,
@@ -64,7 +58,7 @@ from service.contract import (
     TileGrid,
     TrainingData,
 )
-from service.recalibration import images_fingerprint
+from service.recalibration import calibration_record, images_fingerprint
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -146,21 +140,16 @@ def calibrate(work: Path, target_fpr: float, codec: Codec | None = None) -> None
     validation = synthetic_validation(
         model, hold, errors, cal.eps, seed=ckpt["split_seed"], spec=spec, codec=codec
     )
+    record = calibration_record(
+        cal, source="holdout", codec=codec, operator=None,
+        images_sha256=images_fingerprint([p.read_bytes() for p in hold]),
+        holdout_fraction=ckpt["holdout_fraction"], split_seed=ckpt["split_seed"],
+    )  # fmt: skip
     _save(
         work,
         "calibration.json",
         {
-            "method": METHOD,
-            "target_fpr": target_fpr,
-            "achieved_fpr": cal.achieved_fpr,
-            "holdout_images": cal.images,
-            "promised_fpr": cal.promised_fpr,
-            "fpr_upper_90": cal.fpr_upper_90,
-            "images_for_target": images_for_target(target_fpr),
-            "scales": cal.scales.tolist(),
-            "score_threshold": cal.score_threshold,
-            "reference_score": cal.reference_score,
-            "codec": str(codec),
+            "record": record.model_dump(mode="json"),
             "eps": cal.eps.tolist(),
             "validation": validation,
         },
@@ -181,21 +170,20 @@ def evaluate(work: Path) -> dict[str, float]:
     eps = np.asarray(cal["eps"])
     data = Path(ckpt["data"])
     items = test_set(data)
-    # The test images as the calibrated camera would send them.
-    codec = Codec.parse(cal.get("codec", "png"))
+    record = Calibration.model_validate(cal["record"])
+    codec = record.codec  # the test images as the calibrated camera would send them
     errors, maps = score(model, [p for p, _, _ in items], codec=codec, spec=checkpoint_spec(ckpt))
     labels = np.array([y for _, y, _ in items])
     masks = np.stack([m for _, _, m in items])
     metrics = evaluate_scores(errors, maps, labels, masks, eps)
     metrics["good_images"] = float((labels == 0).sum())
     metrics["defective_images"] = float((labels == 1).sum())
-    if "promised_fpr" in cal:
-        print(
-            f"false rejects on test good images {metrics['false_reject_rate']:.2%} "
-            f"(promised at most {cal['promised_fpr']:.2%} expected, "
-            f"{cal['fpr_upper_90']:.2%} with 90% probability); "
-            f"detected {metrics['detection_rate']:.2%} of defective ones ({codec})"
-        )
+    print(
+        f"false rejects on test good images {metrics['false_reject_rate']:.2%} "
+        f"(promised at most {record.promised_fpr:.2%} expected, "
+        f"{record.fpr_upper_90:.2%} with 90% probability); "
+        f"detected {metrics['detection_rate']:.2%} of defective ones ({codec})"
+    )
     per_image = verdicts(items, errors, eps, data)
     _save(work, "evaluation.json", metrics)
     _save(work, "per_image.json", per_image)
@@ -224,25 +212,7 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
         input=checkpoint_spec(ckpt),
         grid=TileGrid(),
         thresholds=Thresholds(eps0=eps[0], tiles=tuple(eps[1:])),
-        calibration=Calibration(
-            method=cal["method"],
-            target_fpr=cal["target_fpr"],
-            achieved_fpr=cal["achieved_fpr"],
-            holdout_images=cal["holdout_images"],
-            holdout_fraction=ckpt["holdout_fraction"],
-            split_seed=ckpt["split_seed"],
-            promised_fpr=cal.get("promised_fpr"),
-            fpr_upper_90=cal.get("fpr_upper_90"),
-            images_for_target=cal.get("images_for_target"),
-            scales=cal.get("scales"),
-            score_threshold=cal.get("score_threshold"),
-            reference_score=cal.get("reference_score"),
-            codec=Codec.parse(cal.get("codec", "png")),
-            calibrated_at=datetime.now(UTC),
-            images_sha256=images_fingerprint(
-                [p.read_bytes() for p in checkpoint_split(ckpt, "holdout")]
-            ),
-        ),
+        calibration=Calibration.model_validate(cal["record"]),
         training_data=TrainingData(
             dataset=str(manifest.get("dataset", data.parent.name)),
             category=str(manifest.get("category", data.name)),

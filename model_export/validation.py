@@ -118,17 +118,25 @@ def synthetic_validation(
     ``holdout_errors`` (N, 10) are the held-out images' errors, already
     computed by calibration. Each image gets ``per_image`` synthetic defects.
     """
+    errors, _ = score_tensors(model, synthetic_defectives(holdout, seed, per_image, spec, codec))
+    return validation_figures(holdout_errors, errors, eps)
+
+
+def validation_figures(
+    good_errors: np.ndarray, defective_errors: np.ndarray, eps: np.ndarray
+) -> dict[str, float]:
+    """The validation figures from the errors of held-out good images and of
+    their synthetic defectives, whatever scored them (torch or the graph)."""
     from sklearn.metrics import roc_auc_score
 
-    errors, _ = score_tensors(model, synthetic_defectives(holdout, seed, per_image, spec, codec))
-    good = rule_score(holdout_errors, eps)
-    bad = rule_score(errors, eps)
+    good = rule_score(good_errors, eps)
+    bad = rule_score(defective_errors, eps)
     labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]
     return {
         "synthetic_auroc": float(roc_auc_score(labels, np.r_[good, bad])),
         "synthetic_auroc_e0": float(
-            roc_auc_score(labels, np.r_[holdout_errors[:, 0], errors[:, 0]])
+            roc_auc_score(labels, np.r_[good_errors[:, 0], defective_errors[:, 0]])
         ),
-        "synthetic_detected": float(rule_flags(errors, eps).mean()),
+        "synthetic_detected": float(rule_flags(defective_errors, eps).mean()),
         "synthetic_images": float(len(bad)),
     }

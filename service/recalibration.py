@@ -182,6 +182,41 @@ def parent_scales(parent: ModelMetadata) -> np.ndarray:
     return np.asarray(scales, np.float64)
 
 
+def calibration_record(
+    cal: ConformalThresholds,
+    *,
+    source: Literal["holdout", "line"],
+    codec: Codec,
+    operator: str | None,
+    images_sha256: str,
+    holdout_fraction: float | None = None,
+    split_seed: int | None = None,
+    parent_version: int | None = None,
+) -> Calibration:
+    """The metadata's record of a conformal calibration: ``cal`` and what it
+    was made from. The trainer's ``calibrate`` and recalibration both write it."""
+    return Calibration(
+        method=METHOD,
+        target_fpr=cal.target_fpr,
+        achieved_fpr=cal.achieved_fpr,
+        holdout_images=cal.images,
+        holdout_fraction=holdout_fraction,
+        split_seed=split_seed,
+        promised_fpr=cal.promised_fpr,
+        fpr_upper_90=cal.fpr_upper_90,
+        images_for_target=images_for_target(cal.target_fpr),
+        scales=tuple(float(s) for s in cal.scales),
+        score_threshold=cal.score_threshold,
+        reference_score=cal.reference_score,
+        codec=codec,
+        source=source,
+        calibrated_at=datetime.now(UTC),
+        operator=operator,
+        images_sha256=images_sha256,
+        parent_version=parent_version,
+    )
+
+
 def recalibrated_metadata(
     parent: ModelMetadata,
     cal: ConformalThresholds,
@@ -209,27 +244,11 @@ def recalibrated_metadata(
         raise ValueError("a line calibration has no hold-out fraction or split seed")
     if evaluation is ...:
         evaluation = parent.evaluation if source == "holdout" else None
-    now = datetime.now(UTC)
-    calibration = Calibration(
-        method=METHOD,
-        target_fpr=cal.target_fpr,
-        achieved_fpr=cal.achieved_fpr,
-        holdout_images=cal.images,
-        holdout_fraction=holdout_fraction,
-        split_seed=split_seed,
-        promised_fpr=cal.promised_fpr,
-        fpr_upper_90=cal.fpr_upper_90,
-        images_for_target=images_for_target(cal.target_fpr),
-        scales=tuple(float(s) for s in cal.scales),
-        score_threshold=cal.score_threshold,
-        reference_score=cal.reference_score,
-        codec=codec,
-        source=source,
-        calibrated_at=now,
-        operator=operator,
-        images_sha256=images_sha256,
-        parent_version=parent.version,
-    )
+    calibration = calibration_record(
+        cal, source=source, codec=codec, operator=operator, images_sha256=images_sha256,
+        holdout_fraction=holdout_fraction, split_seed=split_seed, parent_version=parent.version,
+    )  # fmt: skip
+    now = calibration.calibrated_at
     return parent.model_copy(
         update={
             "version": version,
