@@ -28,7 +28,7 @@ def machine() -> dict[str, Any]:
         pass
     import onnxruntime as ort
 
-    return {
+    info: dict[str, Any] = {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "python": platform.python_version(),
@@ -36,6 +36,29 @@ def machine() -> dict[str, Any]:
         "providers": ort.get_available_providers(),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    gpu = gpus()
+    if gpu:
+        info["gpus"] = gpu
+    return info
+
+
+def gpus() -> list[dict[str, str]]:
+    """The NVIDIA GPUs nvidia-smi sees (name, driver, memory); none where it is absent."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return []
+    query = "--query-gpu=name,driver_version,memory.total"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", query, "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = [line.split(", ") for line in out.strip().splitlines() if line.strip()]
+    return [{"name": r[0], "driver": r[1], "memory": r[2]} for r in rows if len(r) == 3]
 
 
 @dataclass(frozen=True)

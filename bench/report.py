@@ -20,10 +20,170 @@ def _load(name: str) -> dict[str, Any] | None:
 
 
 def _machine(m: dict[str, Any]) -> str:
+    gpus = "".join(
+        f", {g['name']} (driver {g['driver']}, {g['memory']})" for g in m.get("gpus", [])
+    )
     return (
-        f"{m['cpu']}, {m['cores']} cores, onnxruntime {m['onnxruntime']} "
+        f"{m['cpu']}, {m['cores']} cores{gpus}, onnxruntime {m['onnxruntime']} "
         f"({', '.join(m['providers'])}), measured {m['when']}"
     )
+
+
+def _model_table(model: dict[str, Any]) -> list[str]:
+    lines = [
+        f"`{model['command']}` on {_machine(model['machine'])}.",
+        "",
+        "| model | runtime | batch | p50 ms | ms / image | images / s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in model["results"]:
+        for row in r["rows"]:
+            lines.append(
+                f"| {r['model']} | {r['runtime']} ({r['provider']}) | {row['batch']} | "
+                f"{row['p50_ms']:.1f} | {row['ms_per_image']:.1f} | {row['images_per_s']:.1f} |"
+            )
+    return [*lines, ""]
+
+
+# The GPU machine's results, written by scripts/gpu-bench.sh.
+GPU_HTTP_RUNS = [
+    ("gpu_http_load_pwae", "P-WAE through HTTP on the GPU"),
+    ("gpu_http_load_otproto", "OT prototypes through HTTP on the GPU"),
+]
+
+
+def _gpu_targets() -> list[str]:
+    """Issue 13's targets on the GPU, met or not, from the GPU machine's results."""
+    rows = []
+    for name, _ in GPU_HTTP_RUNS:
+        http = _load(name)
+        if not http:
+            continue
+        raw, runs = http["raw"], http["http"]
+        best_http = max(r["throughput_per_s"] for r in runs)
+        ratio = best_http / raw["best"]["images_per_s"]
+        one = next(r for r in runs if r["batching"] == "on" and r["clients"] == 1)
+        p50_ratio = one["p50_ms"] / raw["batch1_with_preprocessing"]["p50_ms"]
+        on = {r["clients"]: r["throughput_per_s"] for r in runs if r["batching"] == "on"}
+        off = {r["clients"]: r["throughput_per_s"] for r in runs if r["batching"] == "off"}
+        behind = [c for c in on if c >= 8 and c in off and on[c] < off[c]]
+        slowest = max(r["p99_ms"] for r in runs)
+        model = http["model"]
+        rows += [
+            f"| {model}: HTTP throughput >= 0.8x the best raw batch | {best_http:.0f} against "
+            f"{raw['best']['images_per_s']:.0f} images/s: {ratio:.2f}x | {_met(ratio >= 0.8)} |",
+            f"| {model}: one client's p50 <= 1.2x raw with decode and resize | "
+            f"{one['p50_ms']:.1f} ms: {p50_ratio:.2f}x | {_met(p50_ratio <= 1.2)} |",
+            f"| {model}: batching on >= off from 8 clients, no request waits seconds | "
+            f"behind at {behind or 'no'} client counts; worst p99 {slowest:.0f} ms | "
+            f"{_met(not behind and slowest < 1000)} |",
+        ]
+    soak = _load("gpu_soak")
+    if soak:
+        rows.append(
+            f"| p99 <= 20 ms at {soak['offered_per_s']:.0f} images/s offered open-loop | "
+            f"p99 {soak['p99_ms']:.1f} ms, codes {soak['status_codes']} | "
+            f"{_met(soak['p99_ms'] <= 20)} |"
+        )
+    if not rows:
+        return []
+    return ["### Targets", "", "| target | measured | |", "|---|---|---|", *rows, ""]
+
+
+def _training_rows(run: dict[str, Any]) -> list[str]:
+    return [
+        f"| {f['family']} | {run['device_name']} | {f['images']} | "
+        f"{next(r['images_per_s'] for r in f['records'] if r.get('stage') == 'features'):.1f} | "
+        f"{', '.join(f'{x:.1f}' for x in f['images_per_s_per_epoch'])} | "
+        f"{f['images_per_s_steady']:.1f} |"
+        for f in run["results"]
+    ]
+
+
+def _training_section(title: str, runs: list[dict[str, Any]]) -> list[str]:
+    """Training throughput per family and device, from bench.train_speed."""
+    return [
+        f"## {title}",
+        "",
+        *(
+            f"`{r['command']}` on {_machine(r['machine'])}, torch {r['torch']}, "
+            f"{r['steps']} steps of each epoch, load average {r['load_average_1min_at_start']} "
+            "at the start."
+            for r in runs
+        ),
+        "",
+        "The frozen encoder's feature pass runs once before the epochs; the first epoch",
+        "warms up, the steady figure is the mean of the others. An OT image counts once",
+        "per ensemble member.",
+        "",
+        "| family | device | images / epoch | feature pass images / s | images / s per epoch "
+        "| steady images / s |",
+        "|---|---|---|---|---|---|",
+        *(row for r in runs for row in _training_rows(r)),
+        "",
+    ]
+
+
+def _placement_section(title: str, placement: dict[str, Any]) -> list[str]:
+    """Nodes per execution provider, batch dimension free and pinned (bench.node_placement)."""
+    return [
+        f"## {title}",
+        "",
+        f"`{placement['command']}` on {_machine(placement['machine'])}. The server pins",
+        "the batch dimension of each per-size session (service/batch_shapes.py), and",
+        "onnxruntime then folds the graph's shape computations (Shape, Gather,",
+        "Unsqueeze, Concat on int64 shapes) away: under the CUDA provider these run on",
+        "the CPU between GPU kernels.",
+        "",
+        "| model | provider | batch | batch dimension | nodes run | by provider | CPU op types |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {r['model']} | {r['provider']} | {r['batch']} | {r['batch_dim']} | "
+            f"{r['nodes']} | "
+            + ", ".join(
+                f"{k.removesuffix('ExecutionProvider')} {v}" for k, v in r["by_provider"].items()
+            )
+            + " | "
+            + ", ".join(f"{k} {v}" for k, v in list(r["cpu_op_types"].items())[:8])
+            + " |"
+            for r in placement["results"]
+        ),
+        "",
+    ]
+
+
+def _subsection(lines: list[str]) -> list[str]:
+    return ["#" + lines[0], *lines[1:]]
+
+
+def _gpu_sections() -> list[str]:
+    model = _load("gpu_model_latency")
+    if not model:
+        return [
+            "## On the GPU",
+            "",
+            "No GPU was lent to this work yet, so the CUDA provider's figures are not",
+            "measured here. `scripts/gpu-bench.sh` runs this page's benchmarks, unchanged,",
+            "on a GPU machine and writes the `gpu_*` results this report turns into this",
+            "section.",
+            "",
+        ]
+    lines = ["## On the GPU", "", "### The raw model", "", *_model_table(model)]
+    lines += _gpu_targets()
+    for name, title in GPU_HTTP_RUNS:
+        http = _load(name)
+        if http:
+            lines += _subsection(_http_section(name, title, http))
+    soak = _load("gpu_soak")
+    if soak:
+        lines += _subsection(_soak_section("P-WAE under a fixed open-loop load on the GPU", soak))
+    placement = _load("gpu_node_placement")
+    if placement:
+        lines += _subsection(_placement_section("Graph nodes by provider on the GPU", placement))
+    training = [r for r in (_load("gpu_train_speed"), _load("gpu_train_speed_cpu")) if r]
+    if training:
+        lines += _subsection(_training_section("Training, GPU against CPU", training))
+    return lines
 
 
 # (results file, section title): the server as shipped, then with spinning on.
@@ -170,8 +330,13 @@ def _soak_section(title: str, soak: dict[str, Any]) -> list[str]:
         "",
         f"`{soak['command']}` on {_machine(soak['machine'])}, server settings "
         f"{soak['server_settings']}: requests offered open-loop at "
-        f"{soak['offered_per_s']:.1f}/s, 80% of the {soak['peak_throughput_per_s']:.1f}/s "
-        f"measured with 16 clients. p50 {soak['p50_ms']:.1f} ms, p99 {soak['p99_ms']:.1f} ms "
+        f"{soak['offered_per_s']:.1f}/s, "
+        + (
+            f"a fixed rate (16 clients reached {soak['peak_throughput_per_s']:.1f}/s)."
+            if soak.get("fixed_rate")
+            else f"80% of the {soak['peak_throughput_per_s']:.1f}/s measured with 16 clients."
+        )
+        + f" p50 {soak['p50_ms']:.1f} ms, p99 {soak['p99_ms']:.1f} ms "
         f"(p99 / p50 = {soak['p99_over_p50']:.2f}), latency counted from the time each "
         f"request was due; status codes {soak['status_codes']}, client errors "
         f"{soak['client_errors'] or 'none'}; server RSS {rss[0][1]:.0f} MB after warm-up, "
@@ -232,21 +397,7 @@ def main() -> None:
     ]
     model = _load("model_latency")
     if model:
-        lines += [
-            "## The raw model",
-            "",
-            f"`{model['command']}` on {_machine(model['machine'])}.",
-            "",
-            "| model | runtime | batch | p50 ms | ms / image | images / s |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in model["results"]:
-            for row in r["rows"]:
-                lines.append(
-                    f"| {r['model']} | {r['runtime']} ({r['provider']}) | {row['batch']} | "
-                    f"{row['p50_ms']:.1f} | {row['ms_per_image']:.1f} | {row['images_per_s']:.1f} |"
-                )
-        lines.append("")
+        lines += ["## The raw model", "", *_model_table(model)]
     lines += _targets()
     for name, title in HTTP_RUNS:
         http = _load(name)
@@ -293,12 +444,13 @@ def main() -> None:
         soak = _load(name)
         if soak:
             lines += _soak_section(title, soak)
-    lines += [
-        "No GPU was lent to this work, so the CUDA provider's figures are not measured",
-        "here; `bench.model_latency` measures it as is on a machine whose onnxruntime",
-        "has it (the `gpu` extra).",
-        "",
-    ]
+    placement = _load("node_placement")
+    if placement:
+        lines += _placement_section("Graph nodes by provider", placement)
+    training = _load("train_speed")
+    if training:
+        lines += _training_section("Training", [training])
+    lines += _gpu_sections()
     OUT.write_text("\n".join(lines))
     print("wrote", OUT)
 

@@ -3,12 +3,13 @@
     python -m bench.soak models/bottle-pwae --seconds 300
 
 First measures the maximum throughput with 16 closed-loop clients, then
-offers requests open-loop at 80% of it (bench.loadgen: a fixed schedule, so
-a slow answer does not slow the offered load, and latency counts from the
-time each request was due) for ``--seconds``, sampling the server's RSS
-every 5 s. Reports p50/p99 under that load, the ratio p99/p50, and RSS after
-warm-up and at the end of the run, with the RSS of the run's second half
-(where a leak shows as a slope and allocator warm-up does not).
+offers requests open-loop at 80% of it, or at ``--rate`` per second
+(bench.loadgen: a fixed schedule, so a slow answer does not slow the offered
+load, and latency counts from the time each request was due) for
+``--seconds``, sampling the server's RSS every 5 s. Reports p50/p99 under
+that load, the ratio p99/p50, and RSS after warm-up and at the end of the
+run, with the RSS of the run's second half (where a leak shows as a slope
+and allocator warm-up does not).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("model_dir", type=Path)
     ap.add_argument("--seconds", type=float, default=300.0)
     ap.add_argument("--load", type=float, default=0.8, help="fraction of the maximum throughput")
+    ap.add_argument("--rate", type=float, help="offer this many requests/s instead of --load")
     ap.add_argument("--out", default="soak", help=OUT_HELP)
     add_server_settings(ap)
     args = ap.parse_args(argv)
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     with serving(args.model_dir, **settings) as server:
         drive(server, data, 16, 3.0, 10_000)  # warm-up
         peak = drive(server, data, 16, 10.0, 10_000)["throughput_per_s"]
-        rate = args.load * peak
+        rate = args.rate or args.load * peak
         rss = [(0.0, rss_mb(server))]
         # The server's own inference and decode time, read from /metrics
         # every 10 s: when the machine slows down (other tenants on the
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     codes = {str(k): v for k, v in sorted(run.codes.items())}
     result = {
         "image": source, "peak_throughput_per_s": peak, "offered_per_s": round(rate, 2),
-        "seconds": args.seconds, **t.summary(), "p99_over_p50": round(t.p99 / t.p50, 2),
+        "fixed_rate": args.rate is not None, "seconds": args.seconds, **t.summary(),
+        "p99_over_p50": round(t.p99 / t.p50, 2),
         "status_codes": codes, "client_errors": dict(run.errors), "rss_mb": rss,
         "rss_growth": round(end / start - 1, 4),
         "rss_growth_second_half": round(half[-1] / half[0] - 1, 4), "cores": CORES,

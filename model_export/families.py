@@ -25,7 +25,8 @@ class Family:
     name: ModelFamily
     config_from_dict: Callable[[dict[str, Any]], Any]
     build: Callable[[Any], nn.Module]
-    # fit(config, images, progress=..., checkpoint=...) -> (model, log)
+    # fit(config, images, progress=..., device=..., on_epoch=..., checkpoint=...)
+    # -> (model on that device, log); on_epoch gets each epoch's images/s.
     fit: Callable[..., tuple[nn.Module, Any]]
     to_onnx: Callable[[Any], bytes]
     opset: int
@@ -33,6 +34,11 @@ class Family:
     resumable: bool  # fit takes a checkpoint path and resumes from it
     # Named configurations (``--preset``), e.g. the paper's own recipe.
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # progress_total(config, images): how many images fit() reports to its
+    # progress callback in all, so the trainer's bar ends at 100%.
+    progress_total: Callable[[Any, int], int] | None = None
+    # The pretrained encoder's name and weights file (None: shipped in a package).
+    backbone: Callable[[Any], tuple[str, str | None]] = lambda _: ("efficientnet_lite0", None)
 
 
 def _pwae() -> Family:
@@ -64,14 +70,23 @@ def _pwae() -> Family:
         describe=describe,
         resumable=True,
         presets={"paper": pwae.PAPER.to_dict(), "feature_error": pwae.FEATURE_ERROR.to_dict()},
+        progress_total=pwae.progress_total,
+        backbone=lambda cfg: (cfg.backbone, cfg.backbone_weights),
     )
 
 
 def _ot_prototypes() -> Family:
     from model_export import ot_prototypes as ot
 
-    def fit(config: Any, images: Sequence[torch.Tensor], progress: Any = None, **_: Any) -> Any:
-        return ot.fit(config, images, progress=progress)
+    def fit(
+        config: Any,
+        images: Sequence[torch.Tensor],
+        progress: Any = None,
+        device: torch.device | str = "cpu",
+        on_epoch: Any = None,
+        **_: Any,
+    ) -> Any:
+        return ot.fit(config, images, progress=progress, device=device, on_epoch=on_epoch)
 
     def describe(cfg: Any) -> dict[str, str | int | float | bool]:
         return {
@@ -93,6 +108,7 @@ def _ot_prototypes() -> Family:
         opset=ot.OPSET,
         describe=describe,
         resumable=False,
+        progress_total=lambda cfg, n: n * cfg.epochs * len(cfg.members),
     )
 
 
@@ -106,12 +122,15 @@ def get_family(name: str) -> Family:
         raise ValueError(f"unknown family {name!r}; choose from {sorted(FAMILIES)}") from None
 
 
-def load_checkpoint(path: Path) -> tuple[Family, Any, nn.Module, dict[str, Any]]:
-    """(family, config, model in eval mode, the checkpoint dict) from a trained checkpoint."""
+def load_checkpoint(
+    path: Path, device: torch.device | str = "cpu"
+) -> tuple[Family, Any, nn.Module, dict[str, Any]]:
+    """(family, config, model in eval mode on ``device``, the checkpoint dict)
+    from a trained checkpoint."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     family = get_family(ckpt["family"])
     config = family.config_from_dict(ckpt["config"])
     model = family.build(config)
     model.load_state_dict(ckpt["state_dict"])
-    model.eval()
+    model.to(device).eval()
     return family, config, model, ckpt

@@ -33,6 +33,7 @@ would dilute it.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_export.device import module_device, throughput
 from model_export.sinkhorn import log_sinkhorn
 from service import tiler
 
@@ -179,10 +181,10 @@ class MultiScaleFeatures(nn.Module):
 # --- costs and prototypes -----------------------------------------------------
 
 
-def grid_positions(h: int, w: int) -> torch.Tensor:
+def grid_positions(h: int, w: int, device: torch.device | str | None = None) -> torch.Tensor:
     """(h*w, 2) cell centres in [0, 1]^2, row-major like a flattened feature map."""
-    ys = (torch.arange(h, dtype=torch.float32) + 0.5) / h
-    xs = (torch.arange(w, dtype=torch.float32) + 0.5) / w
+    ys = (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h
+    xs = (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([yy.reshape(-1), xx.reshape(-1)], dim=1)
 
@@ -313,7 +315,9 @@ class OTPrototypesModel(nn.Module):
 
     def anomaly_map(self, image: torch.Tensor) -> torch.Tensor:
         feats = self.features(image)
-        total = torch.zeros(image.shape[0], IMAGE_SIZE, IMAGE_SIZE, dtype=image.dtype)
+        total = torch.zeros(
+            image.shape[0], IMAGE_SIZE, IMAGE_SIZE, dtype=image.dtype, device=image.device
+        )
         for member in self.prototype_members():
             s = member(feats[member.config.scale])  # (N, h, w)
             up = F.interpolate(
@@ -347,13 +351,17 @@ class FitLog:
 def extract_features(
     model: OTPrototypesModel, images: Iterable[torch.Tensor], batch_size: int = 8
 ) -> dict[str, torch.Tensor]:
-    """Stack each scale's features over all images: {scale: (N, C, h, w)}."""
+    """Stack each scale's features over all images: {scale: (N, C, h, w)}.
+
+    The images are moved to the model's device; so are the features.
+    """
     chunks: dict[str, list[torch.Tensor]] = {}
     batch: list[torch.Tensor] = []
+    device = module_device(model)
 
     def flush() -> None:
         if batch:
-            out = model.features(torch.stack(batch))
+            out = model.features(torch.stack(batch).to(device))
             for s, f in out.items():
                 chunks.setdefault(s, []).append(f)
             batch.clear()
@@ -375,29 +383,38 @@ def fit_member(
     config: OTPrototypesConfig,
     log: FitLog | None = None,
     progress: Callable[[int], None] | None = None,
+    on_epoch: Callable[[dict[str, Any]], object] | None = None,
 ) -> None:
-    """Learn one member's prototypes on (N, C, h, w) training features."""
+    """Learn one member's prototypes on (N, C, h, w) training features.
+
+    Runs on the device of ``feats`` (the member must be there too); the random
+    draws come from a seeded CPU generator and are moved there. ``on_epoch``
+    gets each epoch's images, seconds and images/s.
+    """
     gen = torch.Generator().manual_seed(config.seed)
+    device = feats.device
     n, c, h, w = feats.shape
     k = member.config.prototypes_per_position
     x_all = feats.flatten(2).transpose(1, 2)  # (N, h*w, C)
     # Initialise each cell's k prototypes from that cell's feature in k
     # random training images: the OT updates start from plausible patches.
-    pick = torch.randint(0, n, (h * w, k), generator=gen)  # (h*w, k)
-    cells = torch.arange(h * w)[:, None].expand(h * w, k)
+    pick = torch.randint(0, n, (h * w, k), generator=gen).to(device)  # (h*w, k)
+    cells = torch.arange(h * w, device=device)[:, None].expand(h * w, k)
     member.prototypes.copy_(F.normalize(x_all[pick, cells].reshape(h * w * k, c), dim=-1))
 
     ipb = max(1, config.images_per_batch)
     n_cells = min(h * w, max(1, config.prototypes_per_problem // k))
     protos = member.prototypes.view(h * w, k, c)  # shares storage with the buffer
     proto_pos = member.proto_positions.view(h * w, k, 2)
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
+        started = time.perf_counter()
         start = member.prototypes.clone()
-        order = torch.randperm(n, generator=gen)
+        order = torch.randperm(n, generator=gen).to(device)
         for b0 in range(0, n, ipb):
             idx = order[b0 : b0 + ipb]  # (B,) images
             x_batch = x_all[idx]  # (B, h*w, C)
-            for cells in torch.randperm(h * w, generator=gen).split(n_cells):  # (S,) cells
+            chunks = torch.randperm(h * w, generator=gen).to(device).split(n_cells)
+            for cells in chunks:  # (S,) cells
                 x = x_batch[:, cells].reshape(-1, c)  # (B*S, C) patches
                 pos = member.patch_positions[cells].repeat(len(idx), 1)  # (B*S, 2)
                 p = protos[cells].reshape(-1, c)  # (S*k, C) prototypes of those cells
@@ -411,6 +428,8 @@ def fit_member(
                     log.marginal_errors.append(res.marginal_error)
             if progress is not None:
                 progress(len(idx))
+        if on_epoch is not None:
+            on_epoch(throughput(device, started, n, epoch=epoch + 1, epochs=config.epochs))
         if log is not None:
             log.prototype_shift.append(float((member.prototypes - start).norm(dim=1).mean()))
 
@@ -427,16 +446,37 @@ def fit(
     images: Sequence[torch.Tensor],
     encoder: nn.Module | None = None,
     progress: Callable[[int], None] | None = None,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[dict[str, Any]], object] | None = None,
 ) -> tuple[OTPrototypesModel, FitLog]:
-    """Fit every ensemble member on defect-free (3, 300, 300) normalised images."""
+    """Fit every ensemble member on defect-free (3, 300, 300) normalised images.
+
+    The model is built on the CPU and fitted on ``device`` (model_export.device),
+    where it is returned. ``on_epoch`` gets each member's epoch records (with
+    ``member``, e.g. "s8/alpha=0.0/k=4"), after one of the frozen encoder's
+    feature extraction (``stage`` "features", ``epoch`` 0).
+    """
+    device = torch.device(device)
     torch.manual_seed(config.seed)
-    model = OTPrototypesModel(config, encoder)
+    model = OTPrototypesModel(config, encoder).to(device)
     model.eval()
+    started = time.perf_counter()
     feats = extract_features(model, images)
+    if on_epoch is not None:
+        on_epoch(throughput(device, started, len(images), stage="features", epoch=0, epochs=0))
     log = FitLog(train_images=len(images))
     for member in model.prototype_members():
-        fit_member(member, feats[member.config.scale], config, log, progress)
+        m = member.config
+        name = f"{m.scale}/alpha={m.alpha}/k={m.prototypes_per_position}"
+        report = None if on_epoch is None else _tagged(on_epoch, name)
+        fit_member(member, feats[member.config.scale], config, log, progress, report)
     return model, log
+
+
+def _tagged(
+    on_epoch: Callable[[dict[str, Any]], object], member: str
+) -> Callable[[dict[str, Any]], object]:
+    return lambda record: on_epoch({"member": member, **record})
 
 
 # --- export ---------------------------------------------------------------------
@@ -462,7 +502,7 @@ def to_onnx(model: OTPrototypesModel, opset: int = OPSET) -> bytes:
         OUTPUT_TILE_ERRORS,
     )
 
-    model.eval()
+    model.cpu().eval()  # exported on the CPU whatever device it was fitted on
     buf = io.BytesIO()
     dummy = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
     torch.onnx.export(

@@ -58,6 +58,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +70,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from model_export.backbones import BackboneName, Encoder, build_encoder
+from model_export.device import throughput
 from service import tiler
 
 IMAGE_SIZE = 300
@@ -206,7 +208,9 @@ def sample_student_t(
 
     chi2_nu = 2 * Gamma(nu / 2, 1), drawn by Marsaglia and Tsang's method from
     the given generator: torch's own gamma sampler takes no generator, and
-    training must be reproducible under a seed.
+    training must be reproducible under a seed. The draws are made on the
+    generator's device (the trainer's is a CPU one) and moved to ``mu``'s
+    where that is a tensor, so a seed gives the same sample on either device.
     """
     z = torch.randn(*shape, generator=generator)
     # Gamma(k, 1) by Marsaglia-Tsang with the generator, vectorised.
@@ -229,7 +233,10 @@ def sample_student_t(
     if k < 1:  # boost: Gamma(k) = Gamma(k + 1) * U^(1/k)
         out = out * torch.rand(*shape, generator=generator) ** (1.0 / k)
     chi2 = 2.0 * out
-    return mu + sigma * z / torch.sqrt(chi2 / nu)
+    noise = sigma * z / torch.sqrt(chi2 / nu)
+    if isinstance(mu, torch.Tensor):
+        noise = noise.to(mu.device)
+    return mu + noise
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
@@ -245,10 +252,14 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: torch.Tens
     return ((pa - pb) ** 2).mean()
 
 
-def random_projections(dim: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """(dim, count) directions drawn uniformly on the unit sphere."""
+def random_projections(
+    dim: int, count: int, generator: torch.Generator, device: torch.device | None = None
+) -> torch.Tensor:
+    """(dim, count) directions drawn uniformly on the unit sphere, on the
+    generator's device, then moved to ``device`` where one is given."""
     p = torch.randn(dim, count, generator=generator)
-    return p / p.norm(dim=0, keepdim=True)
+    p = p / p.norm(dim=0, keepdim=True)
+    return p if device is None else p.to(device)
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -369,9 +380,20 @@ class PWAE(nn.Module):
         return err
 
     @torch.no_grad()
-    def fit_error_statistics(self, images: torch.Tensor, batch: int = 16) -> None:
-        """Per-pixel mean and floored std of the raw error map over ``images``."""
-        maps = torch.cat([self.raw_error_map(x, self.reconstruct(x)) for x in images.split(batch)])
+    def fit_error_statistics(
+        self,
+        images: torch.Tensor,
+        batch: int = 16,
+        progress: Callable[[int], object] | None = None,
+    ) -> None:
+        """Per-pixel mean and floored std of the raw error map over ``images``
+        (``progress`` is told each batch's images)."""
+        parts = []
+        for x in images.split(batch):
+            parts.append(self.raw_error_map(x, self.reconstruct(x)))
+            if progress is not None:
+                progress(len(x))
+        maps = torch.cat(parts)
         std = maps.std(0)
         self.error_mean.copy_(maps.mean(0))
         self.error_std.copy_(std.clamp_min(self.config.error_std_floor * float(std.mean())))
@@ -418,6 +440,7 @@ def losses(
     """
     cfg = model.config
     n = image.shape[0]
+    perm_idx = perm_idx.to(image.device)  # drawn from the CPU generator
     perms = model.perms[perm_idx]  # type: ignore[index]  # (N, 9): slot i shows original tile perms[i]
     z_true = model.encode(model.tiles(image)) if feats is None else model.latent(feats)
     # The shuffled sequence the jigsaw head sees: slot i holds tile perms[i].
@@ -430,8 +453,11 @@ def losses(
     # summed over tiles; tile numbers are 1-based (service.tiler).
     on = z_true if cfg.swd_on == "map" else z_true.mean((3, 4))
     flat = on.reshape(n, GRID * GRID, -1).transpose(0, 1)  # (9, N, D)
-    proj = random_projections(flat.shape[-1], cfg.swd_projections, generator)
-    mu = torch.arange(1, GRID * GRID + 1, dtype=flat.dtype).view(-1, 1, 1) * cfg.prior_mu_step
+    proj = random_projections(flat.shape[-1], cfg.swd_projections, generator, flat.device)
+    mu = (
+        torch.arange(1, GRID * GRID + 1, dtype=flat.dtype, device=flat.device).view(-1, 1, 1)
+        * cfg.prior_mu_step
+    )
     prior = sample_student_t(flat.shape, cfg.prior_nu, mu, cfg.prior_sigma, generator)
     l_swd = sliced_wasserstein(flat, prior, proj) * (GRID * GRID)
     recon = model.decode(z_true)
@@ -447,28 +473,68 @@ def lr_at(cfg: PWAEConfig, progress: float) -> float:
     return cfg.lr / (1 + 10 * progress) ** 0.75
 
 
+def images_per_epoch(config: PWAEConfig, n: int) -> int:
+    """Images one epoch's steps see: whole batches only (the last, partial
+    one is dropped), or all ``n`` where they are fewer than a batch."""
+    return min(n, max(1, n // config.batch_size) * config.batch_size)
+
+
+def progress_total(config: PWAEConfig, n: int) -> int:
+    """Images :func:`fit` reports to ``progress`` over a whole training of
+    ``n`` images: the frozen encoder's feature pass, every epoch's steps, and
+    the pass that fits the per-pixel error statistics, so a bar ends at 100%."""
+    features = n if config.freeze_encoder else 0
+    statistics = n if config.error_normalisation == "zscore" else 0
+    return features + config.epochs * images_per_epoch(config, n) + statistics
+
+
 def fit(
     config: PWAEConfig,
     images: Sequence[torch.Tensor],
     progress: Callable[[int], object] | None = None,
     checkpoint: Path | None = None,
     stop_after_epoch: int | None = None,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[dict[str, Any]], object] | None = None,
+    on_stage: Callable[[str], object] | None = None,
+    started: float | None = None,
 ) -> tuple[PWAE, dict[str, Any]]:
     """Train on defect-free images; deterministic under ``config.seed`` on CPU.
 
     With ``checkpoint``, the state is saved after every epoch and a run that
     finds one resumes from it, giving the same model as an uninterrupted run.
+    The model is built on the CPU (the seed gives the same initial weights
+    everywhere) and trained on ``device`` (model_export.device), where it is
+    returned; every random draw comes from the CPU generator. ``on_epoch``
+    gets each epoch's record: loss, images, seconds and images/s of its steps
+    (after one of the frozen encoder's feature pass: ``stage`` "features", ``epoch`` 0).
+    ``progress`` is told the images of every pass (:func:`progress_total` in
+    all, the epochs a resumed run skips at once); ``on_stage`` hears of the
+    passes that are not epochs. The checkpoint keeps the seconds training took
+    up to its epoch, from ``started`` (time.perf_counter(); default: now) on,
+    over every run that got it there; the log's ``seconds_before`` is what
+    earlier runs spent (0 for a fresh start).
     """
+    started = time.perf_counter() if started is None else started
+    device = torch.device(device)
     torch.manual_seed(config.seed)
-    model = PWAE(config)
-    x_all = torch.stack(list(images))
+    model = PWAE(config).to(device)
+    x_all = torch.stack(list(images)).to(device)
     feats_all: torch.Tensor | None = None
     if config.freeze_encoder:
+        started = time.perf_counter()
         with torch.no_grad():
             tiles = model.tiles(x_all)
-            feats_all = torch.cat(
-                [model.encoder(t.reshape(-1, 3, TILE, TILE)) for t in tiles.split(16)]
-            ).reshape(len(x_all), GRID * GRID, model.encoder.channels, model.cells, model.cells)
+            chunks = []
+            for t in tiles.split(16):
+                chunks.append(model.encoder(t.reshape(-1, 3, TILE, TILE)))
+                if progress is not None:
+                    progress(len(t))
+            feats_all = torch.cat(chunks).reshape(
+                len(x_all), GRID * GRID, model.encoder.channels, model.cells, model.cells
+            )
+        if on_epoch is not None:  # the frozen encoder's features, computed once
+            on_epoch(throughput(device, started, len(x_all), stage="features", epoch=0, epochs=0))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
     gen = torch.Generator().manual_seed(config.seed)
@@ -476,8 +542,11 @@ def fit(
     total_steps = steps_per_epoch * config.epochs
     history: list[dict[str, float]] = []
     start_epoch = 0
+    seconds_before = 0.0  # what earlier runs spent getting the checkpoint's epochs
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+        # Loaded on the CPU, whatever device wrote it: the weights and the
+        # optimizer's state are copied onto the model's device, the generator stays.
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         if state["config"] != config.to_dict():
             raise ValueError(
                 f"{checkpoint} was written with another config; delete it to start afresh"
@@ -487,12 +556,17 @@ def fit(
         gen.set_state(state["generator"])
         history = state["history"]
         start_epoch = state["epoch"]
+        # States from before the seconds were kept: their epochs' own seconds.
+        seconds_before = float(state.get("seconds", sum(h.get("seconds", 0.0) for h in history)))
+        if progress is not None and start_epoch:  # the epochs done before, at once
+            progress(start_epoch * images_per_epoch(config, len(x_all)))
     model.train()
     for epoch in range(start_epoch, config.epochs):
+        started, seen = time.perf_counter(), 0
         order = torch.randperm(len(x_all), generator=gen)
         sums = {"total": 0.0, "ae": 0.0, "perceptual": 0.0, "swd": 0.0, "jigsaw": 0.0}
         for s in range(steps_per_epoch):
-            idx = order[s * config.batch_size : (s + 1) * config.batch_size]
+            idx = order[s * config.batch_size : (s + 1) * config.batch_size].to(device)
             for group in opt.param_groups:
                 group["lr"] = lr_at(config, (epoch * steps_per_epoch + s) / total_steps)
             perm_idx = torch.randint(config.permutations, (len(idx),), generator=gen)
@@ -503,9 +577,13 @@ def fit(
             opt.step()
             for key, value in parts.items():
                 sums[key] += value.item() / steps_per_epoch
+            seen += len(idx)
             if progress is not None:
                 progress(len(idx))
-        history.append({"epoch": epoch + 1, **sums})
+        record = throughput(device, started, seen, epoch=epoch + 1, epochs=config.epochs)
+        history.append({"epoch": epoch + 1, **sums, **record})
+        if on_epoch is not None:
+            on_epoch({**record, "loss": sums["total"]})
         if checkpoint is not None:
             # Written aside and renamed: a run killed mid-save leaves the
             # previous epoch's state whole, never a torn file.
@@ -518,6 +596,7 @@ def fit(
                     "history": history,
                     "epoch": epoch + 1,
                     "config": config.to_dict(),
+                    "seconds": seconds_before + time.perf_counter() - started,
                 },
                 partial,
             )
@@ -526,15 +605,20 @@ def fit(
             break
     model.eval()
     if config.error_normalisation == "zscore":
-        model.fit_error_statistics(x_all)
-    return model, {"history": history}
+        if on_stage is not None:
+            on_stage(f"per-pixel error statistics over the {len(x_all)} images (once)")
+        model.fit_error_statistics(x_all, progress=progress)
+    return model, {"history": history, "seconds_before": seconds_before}
 
 
 def to_onnx(model: PWAE) -> bytes:
-    """The contract graph: image -> image_error, tile_errors, anomaly_map; dynamic batch."""
+    """The contract graph: image -> image_error, tile_errors, anomaly_map; dynamic batch.
+
+    Exported on the CPU whatever device the model was trained on (it is moved there).
+    """
     import io
 
-    model.eval()
+    model.cpu().eval()
     buf = io.BytesIO()
     torch.onnx.export(
         model,

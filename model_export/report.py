@@ -16,6 +16,32 @@ PAPER = {
 }
 
 
+def _is_mvtec(dataset: str) -> bool:
+    return dataset.lower().replace(" ", "_").replace("-", "_") == "mvtec_ad"
+
+
+def paper_reference(family: str, dataset: str, category: str) -> str:
+    """The published figure this model can be held against, or why there is none.
+
+    The P-WAE paper's figure is for MVTec AD's bottle; the OT prototypes
+    paper's is a mean over MVTec AD's categories. Neither is a figure for
+    another category or for anyone's own parts.
+    """
+    if family == "pwae" and _is_mvtec(dataset) and category == "bottle":
+        return f"For reference: {PAPER['pwae']}."
+    if family == "ot_prototypes" and _is_mvtec(dataset):
+        return (
+            f"For reference: {PAPER['ot_prototypes']} (a mean over the categories, "
+            f"not {category}'s own figure)."
+        )
+    if family == "pwae" and _is_mvtec(dataset):
+        return (
+            f"No published P-WAE figure for {category} to compare with (the paper's is for "
+            "the bottle)."
+        )
+    return "No published figure for these images to compare with."
+
+
 def write_plots(
     work: Path,
     items: list[tuple[Path, int, np.ndarray]],
@@ -88,35 +114,63 @@ def _validation_line(v: dict[str, float]) -> str:
     )
 
 
+def _figure(m: dict[str, float], key: str, why_missing: str) -> str:
+    return f"{m[key]:.3f}" if key in m else f"- ({why_missing})"
+
+
 def write_summary(
     work: Path,
     ckpt: dict[str, Any],
-    metrics: dict[str, float],
+    metrics: dict[str, float] | None,
     validation: dict[str, float] | None = None,
+    masked_defective: int | None = None,
 ) -> None:
-    m = metrics
+    """summary.md: training, validation and, where there was a test split
+    (``metrics``), its figures. ``masked_defective``: how many defective test
+    images had a mask (the pixel figures' images)."""
+    dataset = str(ckpt.get("dataset", Path(ckpt["data"]).resolve().parent.name))
+    category = str(ckpt.get("category", Path(ckpt["data"]).name))
     lines = [
-        f"# {ckpt['family']} on {Path(ckpt['data']).name}",
+        f"# {ckpt['family']} on {category}",
         "",
         f"Trained on {len(ckpt['fit'])} defect-free images in {ckpt['train_seconds']:.0f} s; "
         f"thresholds calibrated on {len(ckpt['holdout'])} held-out defect-free images.",
         "",
-        "| figure | value |",
-        "|---|---|",
-        f"| image AUROC (max_k e_k/eps_k) | {m['image_auroc']:.3f} |",
-        f"| image AUROC (e0 alone) | {m['image_auroc_e0']:.3f} |",
-        f"| max balanced accuracy | {m['max_balanced_accuracy']:.3f} |",
-        f"| pixel AUROC | {m.get('pixel_auroc', float('nan')):.3f} |",
-        f"| PRO (FPR <= 0.3) | {m.get('pro_30', float('nan')):.3f} |",
-        "| calibrated rule: TP / FP / TN / FN | "
-        f"{m['tp']:.0f} / {m['fp']:.0f} / {m['tn']:.0f} / {m['fn']:.0f} |",
-        "",
         *([] if validation is None else [_validation_line(validation), ""]),
-        f"For reference: {PAPER.get(ckpt['family'], '')}.",
-        "",
-        "![ROC](roc.png) ![scores](scores.png)",
-        "",
-        "![examples: input above, heatmap below, mask outline in white](heatmaps.png)",
-        "",
     ]
+    if metrics is None:
+        lines += [
+            "No test split was given (`--test DIR`: good/ and a folder per defect kind), so "
+            "there are no test figures; the validation above is the quality figure.",
+            "",
+        ]
+    else:
+        m = metrics
+        defective = int(m["tp"] + m["fn"])
+        no_masks = "no defect masks in the test split: pixel figures need them"
+        lines += [
+            "| figure (test split) | value |",
+            "|---|---|",
+            f"| image AUROC (max_k e_k/eps_k) | {m['image_auroc']:.3f} |",
+            f"| image AUROC (e0 alone) | {m['image_auroc_e0']:.3f} |",
+            f"| max balanced accuracy | {m['max_balanced_accuracy']:.3f} |",
+            f"| pixel AUROC | {_figure(m, 'pixel_auroc', no_masks)} |",
+            f"| PRO (FPR <= 0.3) | {_figure(m, 'pro_30', no_masks)} |",
+            "| calibrated rule: TP / FP / TN / FN | "
+            f"{m['tp']:.0f} / {m['fp']:.0f} / {m['tn']:.0f} / {m['fn']:.0f} |",
+            "",
+        ]
+        if masked_defective is not None and 0 < masked_defective < defective:
+            lines += [
+                f"Pixel figures over the {masked_defective} of {defective} defective images "
+                "that have a mask, and the good images.",
+                "",
+            ]
+        lines += [
+            "![ROC](roc.png) ![scores](scores.png)",
+            "",
+            "![examples: input above, heatmap below, mask outline in white](heatmaps.png)",
+            "",
+        ]
+    lines += [paper_reference(str(ckpt["family"]), dataset, category), ""]
     (work / "summary.md").write_text("\n".join(lines))

@@ -6,6 +6,7 @@ set -euo pipefail
 
 packages=(
     prometheus  # a real Prometheus scrapes the server in tests; promtool checks configs
+    prometheus-alertmanager  # a real Alertmanager delivers a fired alert in tests; amtool checks its config
     # The CPU image is built and run without a Docker engine (tests/integration/test_deploy_image.py):
     podman       # podman build --isolation chroot
     buildah      # buildah run --isolation chroot: runs the server inside the built image

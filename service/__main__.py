@@ -7,13 +7,15 @@ Flags override the INSPECTION_* environment variables (and .env).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 from pathlib import Path
 
-import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from service import logs
-from service.app import create_app
-from service.settings import Settings
+from service.decode_budget import limit_opencv_pixels
+from service.settings import Settings  # imports no OpenCV: see limit_opencv_pixels
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,17 +26,18 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     settings = Settings(**overrides)
-    logs.configure(settings.log_level)
+    limit_opencv_pixels(settings.max_pixels)  # before anything imports cv2
+    from service.app import create_app
+    from service.server import build_server
+
+    # Native libraries' stderr (onnxruntime, OpenCV, libpng, libjpeg) into the JSON log too.
+    logs.configure(settings.log_level, capture_native=True)
     app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep the JSON logging configured above
-        timeout_keep_alive=int(settings.keep_alive_s),
-        timeout_graceful_shutdown=int(settings.graceful_shutdown_s),
-        access_log=False,
-    )
+    server = build_server(app, settings)  # header deadline, connection cap, drain on SIGTERM
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C, re-raised by uvicorn after its shutdown
+        server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)  # as uvicorn.run does: the model did not load, the port is taken
 
 
 if __name__ == "__main__":

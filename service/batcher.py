@@ -1,15 +1,17 @@
 """Dynamic batching: requests from concurrent clients run as one onnxruntime call.
 
-Like Triton's dynamic batcher, a batch closes when it holds ``max_batch_size``
-images (by default 8 on a GPU provider, 1 on the CPU: see
-:meth:`Batcher.batch_limit`) or when its first image has waited
-``max_queue_delay``. Unlike a fixed
-delay, the batcher waits only while more images are on their way (requests
-still decoding): a lone client never pays the delay.
+Like Triton's dynamic batcher, a batch closes when it holds the largest
+planned batch size (by default 8 on a GPU provider, 1 on the CPU: see
+:mod:`service.batch_shapes`) or when its first image has waited
+``max_queue_delay``. Unlike a fixed delay, the batcher waits only while more
+images are on their way (requests still decoding): a lone client never pays
+the delay. A batch is padded up to the next planned size and runs on that
+size's session, so on a GPU no session ever sees a new shape.
 
 The queue is bounded: a full queue raises :class:`QueueFull` at once (the API
 answers 503 with Retry-After) instead of growing without bound. Inference runs
-on one worker thread, so the event loop never blocks on it.
+on ``streams`` worker threads (one by default), so the event loop never
+blocks on it.
 """
 
 from __future__ import annotations
@@ -33,11 +35,6 @@ from service.runtime import ModelRuntime
 logger = logging.getLogger("service.batcher")
 
 
-# Providers that run a batch in about the time of one image.
-GPU_PROVIDERS = frozenset({"CUDAExecutionProvider", "TensorrtExecutionProvider"})
-DEFAULT_GPU_BATCH = 8
-
-
 class QueueFull(Exception):
     """No room for another image; try again shortly."""
 
@@ -54,7 +51,7 @@ class Scored:
     artifact: LoadedArtifact
     queue_s: float
     inference_s: float
-    batch_size: int
+    batch_size: int  # images of the batch (before padding)
 
 
 @dataclass
@@ -69,29 +66,33 @@ class Batcher:
         self,
         runtime: ModelRuntime,
         metrics: Metrics,
-        max_batch_size: int | None,
         max_queue_delay_s: float,
         max_queue: int,
+        streams: int = 1,
     ) -> None:
         self.runtime = runtime
         self.metrics = metrics
-        self.max_batch_size = max_batch_size  # None: by provider, see batch_limit()
         self.max_queue_delay_s = max_queue_delay_s
         self.queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=max_queue)
         self.expected = 0  # requests decoding now, whose images will arrive shortly
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
-        self._task: asyncio.Task[None] | None = None
+        self.streams = streams
+        self._executor = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="inference")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = 0  # batches in onnxruntime now
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._run(), name=f"batcher-{i}") for i in range(self.streams)
+        ]
 
     async def stop(self) -> None:
-        """Finish what is queued, then stop."""
-        while not self.queue.empty():
+        """Finish what is queued and running, then stop."""
+        while not self.queue.empty() or self._running:
             await asyncio.sleep(0.005)
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     def _labels(self) -> tuple[str, str]:
@@ -117,24 +118,10 @@ class Batcher:
         self.metrics.queue_depth.labels(*self._labels()).set(self.queue.qsize())
         return future
 
-    def batch_limit(self) -> int:
-        """Images per onnxruntime run: the setting, else by the provider in use.
-
-        A GPU runs a batch of 8 in about the time of one image, so batching
-        multiplies its throughput. A CPU runs it in 8 times the time of one
-        (bench.model_latency): no throughput is gained, and after a hiccup the
-        queue turns into batches whose every image waits for all eight, which
-        made the soak's tail latency several times worse (docs/performance.md).
-        """
-        if self.max_batch_size is not None:
-            return self.max_batch_size
-        gpu = self.runtime.current.provider in GPU_PROVIDERS
-        return DEFAULT_GPU_BATCH if gpu else 1
-
     async def _collect(self) -> list[_Job]:
         batch = [await self.queue.get()]
         deadline = batch[0].enqueued + self.max_queue_delay_s
-        limit = self.batch_limit()
+        limit = self.runtime.served.plan.largest
         while len(batch) < limit:
             try:
                 batch.append(self.queue.get_nowait())
@@ -156,16 +143,25 @@ class Batcher:
             batch = [j for j in await self._collect() if not j.future.cancelled()]
             if not batch:
                 continue
-            art = self.runtime.current  # one model per batch, even during a reload
+            served = self.runtime.served  # one model per batch, even during a reload
+            art = served.artifact
             labels = (art.metadata.name, str(art.metadata.version))
             self.metrics.queue_depth.labels(*labels).set(self.queue.qsize())
             started = time.perf_counter()
+            self._running += 1
             try:
                 # Inside the try: images prepared for a model that a reload
                 # has since replaced may not stack; they fail, the loop lives.
-                x = np.stack([j.tensor for j in batch])
+                size = served.plan.size_for(len(batch))
+                tensors = [j.tensor for j in batch]
+                # Padding repeats the last image: a real input, so no
+                # normalisation meets values it never saw; its outputs are dropped.
+                x = np.stack(tensors + tensors[-1:] * (size - len(batch)))
                 outs = await loop.run_in_executor(
-                    self._executor, art.session.run, list(OUTPUT_NAMES), {INPUT_NAME: x}
+                    self._executor,
+                    served.session_for(size).run,
+                    list(OUTPUT_NAMES),
+                    {INPUT_NAME: x},
                 )
             except Exception as exc:  # onnxruntime's exception types are not public
                 log(logger, logging.ERROR, "inference failed", batch=len(batch), error=str(exc))
@@ -173,8 +169,11 @@ class Batcher:
                     if not j.future.done():
                         j.future.set_exception(InferenceFailed(str(exc)))
                 continue
+            finally:
+                self._running -= 1
             took = time.perf_counter() - started
             self.metrics.batch_size.labels(*labels).observe(len(batch))
+            self.metrics.padded_images.labels(*labels).inc(size - len(batch))
             image_error, tile_errors, anomaly_map = outs
             for i, j in enumerate(batch):
                 if j.future.done():  # the client went away

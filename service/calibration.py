@@ -73,10 +73,17 @@ def promised_fpr(n: int, target_fpr: float) -> float:
     return 1 - conformal_rank(n, target_fpr) / (n + 1)
 
 
+# Below one in a million, a promise would need over a million good calibration
+# images; smaller values are typing mistakes (and 1/target overflows near 1e-308).
+MIN_TARGET_FPR = 1e-6
+
+
 def images_for_target(target_fpr: float) -> int:
     """The fewest calibration images with which ``target_fpr`` can be promised."""
-    if not 0 < target_fpr < 1:
-        raise ValueError(f"target false-reject rate must lie in (0, 1), got {target_fpr}")
+    if not MIN_TARGET_FPR <= target_fpr < 1:
+        raise ValueError(
+            f"target false-reject rate must lie in [{MIN_TARGET_FPR:g}, 1), got {target_fpr}"
+        )
     return max(1, math.ceil(1 / target_fpr - 1 - 1e-9))
 
 

@@ -6,7 +6,11 @@ A model version is a directory ``models/<name>/<version>/`` holding
   the metadata says) and outputs ``image_error`` (N), ``tile_errors``
   (N x rows*cols) and ``anomaly_map`` (N x H x W). The errors are computed
   inside the graph, so a server only compares them with thresholds.
-* ``metadata.json``: :class:`ModelMetadata`, below.
+* ``metadata.json``: :class:`ModelMetadata`, below, with ``onnx_sha256`` (the
+  graph) and ``artifact_sha256`` (its own content, which holds onnx_sha256:
+  the version's integrity, graph and metadata alike; service/artifact.py).
+* optionally ``signature.json``: a signature over ``artifact_sha256``, which a
+  server given a key requires (service/signing.py).
 
 The trainer writes artifacts through :func:`service.artifact.write_artifact` and
 the server reads them through :func:`service.artifact.load_artifact`, both on
@@ -27,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 FORMAT_VERSION = 1
 MODEL_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
+# Optional, beside metadata.json: a signature over artifact_sha256 (service/signing.py).
+SIGNATURE_FILE = "signature.json"
 
 INPUT_NAME = "image"
 OUTPUT_IMAGE_ERROR = "image_error"
@@ -241,6 +247,11 @@ class ModelMetadata(_Frozen):
     evaluation: Evaluation | None = None
     opset: int = Field(ge=7)
     onnx_sha256: Sha256
+    # sha256 over this metadata's content (this field left out), which holds
+    # onnx_sha256: the version's integrity, graph and thresholds alike.
+    # Written by service.artifact.write_metadata, checked by the loader,
+    # which refuses a metadata without it (service/artifact.py, artifact_digest).
+    artifact_sha256: Sha256 | None = None
     # Free-form, family-specific facts worth showing an operator (backbone,
     # latent size, ensemble members...). Never read by the server.
     model_info: dict[str, str | int | float | bool] = Field(default_factory=dict)

@@ -8,6 +8,8 @@ queue.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 MODEL = ("model", "version")
@@ -49,7 +51,8 @@ class Metrics:
             "inspection_verdicts", "Inspected images by verdict.", (*MODEL, "verdict"), registry=r
         )
         self.request_duration = Histogram(
-            "inspection_request_duration_seconds", "Time from request received to response.",
+            "inspection_request_duration_seconds",
+            "Time from request received to response (not of scrapes and probes).",
             (*MODEL, "endpoint"), buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_duration = Histogram(
@@ -68,8 +71,15 @@ class Metrics:
             "inspection_batch_size", "Images per onnxruntime run.", MODEL,
             buckets=(1, 2, 4, 8, 16, 32, 64), registry=r,
         )  # fmt: skip
+        self.padded_images = Counter(
+            "inspection_padded_images",
+            "Copies added to fill a batch up to its planned size (service/batch_shapes.py).",
+            MODEL, registry=r,
+        )  # fmt: skip
         self.in_flight = Gauge(
-            "inspection_in_flight_requests", "Requests being handled now.", registry=r
+            "inspection_in_flight_requests",
+            "Requests being handled now, scrapes and probes not counted (0 at idle).",
+            registry=r,
         )
         self.queue_depth = Gauge(
             "inspection_queue_depth", "Images waiting for a batch now.", MODEL, registry=r
@@ -110,6 +120,12 @@ class Metrics:
             "inspection_model_info", "The model being served (value 1).",
             (*MODEL, "family", "sha256", "provider"), registry=r,
         )  # fmt: skip
+        self.provider_fallback = Gauge(
+            "inspection_execution_provider_fallback",
+            "1 when the session runs on another execution provider than the first one "
+            "requested (INSPECTION_PROVIDERS), 0 when on that one.",
+            (*MODEL, "requested", "provider"), registry=r,
+        )  # fmt: skip
         self.reloads = Counter(
             "inspection_model_reloads", "Model reloads by result.", ("result",), registry=r
         )
@@ -121,6 +137,19 @@ class Metrics:
         self.good_score.labels(model, version).observe(score)
         if score >= self.near_threshold_fraction:
             self.near_threshold.labels(model, version).inc()
+
+    def provider_in_use(
+        self, model: str, version: str, requested: Sequence[str], provider: str
+    ) -> None:
+        """The model version in service runs on ``provider``; ``requested`` is
+        INSPECTION_PROVIDERS in order. Anything but its first (CUDA by default)
+        is a fallback: onnxruntime skips a provider it cannot start without an
+        error, so a GPU box with a broken driver or CUDA libraries would
+        otherwise serve slowly on the CPU and say nothing (alert
+        InspectionProviderFallback). One series, for the version in service."""
+        first = requested[0] if requested else provider
+        self.provider_fallback.clear()
+        self.provider_fallback.labels(model, version, first, provider).set(int(provider != first))
 
     def model_installed(
         self, model: str, version: str, reference_score: float | None, old: tuple[str, str] | None

@@ -7,18 +7,26 @@ the body limits act on the byte stream itself, chunked uploads included.
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import re
 import time
 import uuid
 from typing import Any
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import logs
+from service.keys import key_id, presented_key
 from service.metrics import Metrics
+from service.schemas import ErrorDetail, ErrorResponse
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+access_logger = logging.getLogger("service.access")
+# Scrapes and probes: counted in inspection_requests_total (a failing probe
+# shows there), kept out of the in-flight gauge (the HPA's metric; a scrape
+# would read 1 at idle) and the latency histogram (the dashboard's latency).
+UNOBSERVED_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 
 
 class BodyTooLarge(Exception):
@@ -33,7 +41,11 @@ class BodyTimeout(Exception):
 
 async def _send_error(scope: Scope, send: Send, status: int, reason: str, message: str) -> None:
     rid = scope.get("state", {}).get("request_id")
-    body = json.dumps({"error": {"reason": reason, "message": message}, "request_id": rid}).encode()
+    body = (
+        ErrorResponse(error=ErrorDetail(reason=reason, message=message), request_id=rid)
+        .model_dump_json()
+        .encode()
+    )
     await send(
         {
             "type": "http.response.start",
@@ -92,12 +104,19 @@ class BodyLimits:
 
 
 class Observe:
-    """Request id, in-flight gauge, request count and latency by route template."""
+    """Request id, in-flight gauge, request count and latency by route template
+    (scrapes and probes are only counted: UNOBSERVED_PATHS), and with
+    ``access_log`` one JSON line per request (logger ``service.access``):
+    method, route, status, duration, model and version, request id, client
+    address and ``key_id``, a short hash of the key presented (never the key)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, labels: Any) -> None:
+    def __init__(
+        self, app: ASGIApp, metrics: Metrics, labels: Any, access_log: bool = True
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.labels = labels  # () -> (model, version) of the model in service
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -118,16 +137,30 @@ class Observe:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
-        self.metrics.in_flight.inc()
+        observed = scope["path"] not in UNOBSERVED_PATHS
+        if observed:
+            self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            self.metrics.in_flight.dec()
+            if observed:
+                self.metrics.in_flight.dec()
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
             model, version = self.labels()
+            took = time.perf_counter() - started
             self.metrics.requests.labels(model, version, endpoint, str(status)).inc()
-            self.metrics.request_duration.labels(model, version, endpoint).observe(
-                time.perf_counter() - started
-            )
+            if observed:
+                self.metrics.request_duration.labels(model, version, endpoint).observe(took)
+            if self.access_log:
+                key = presented_key(Headers(scope=scope))
+                client = scope.get("client")
+                logs.log(
+                    access_logger, logging.INFO, "request",
+                    method=scope["method"], route=endpoint, status=status,
+                    duration_ms=round(took * 1000, 1), model=model or None,
+                    version=version or None, request_id=rid,
+                    client=client[0] if client else None,
+                    key_id=key_id(key) if key is not None else None,
+                )  # fmt: skip
             logs.request_id.reset(token)

@@ -17,43 +17,40 @@ replicates them to the three input channels its graph expects.
 
 Every refusal is an :class:`InputRejected` with a machine-readable ``reason``,
 which the server turns into a 4xx answer. The image size is read from the
-file header *before* decoding, so a decompression bomb (a few kilobytes that
-inflate to gigabytes) is refused without allocating it.
+file header *before* decoding (:mod:`service.image_header`, every
+size-bearing structure of the file, no OpenCV), so a decompression bomb (a
+few kilobytes that inflate to gigabytes) is refused without allocating it;
+and OpenCV decodes into an array of exactly the header's shape and sample
+type, which it checks against its own reading of the header before it
+decodes: a file whose structure makes the decoder see another size is
+refused before its pixels are allocated. :func:`plan_decode` says, from the
+header alone, how many bytes a decode will hold at most; the server reserves
+them from its decode memory budget (:mod:`service.decode_budget`) first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import struct
+import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import StrEnum
 
 import cv2
 import numpy as np
 
-from service.codec import detect_codec, sniff_format
+from service.codec import detect_codec
 from service.contract import Codec, InputSpec, Normalization, TileGrid
-
-DEFAULT_MAX_PIXELS = 40_000_000  # a 4096x3000 camera frame is 12.3 MP
-
-
-class Reject(StrEnum):
-    """Why an input was refused; stable strings for clients and metric labels."""
-
-    EMPTY = "empty"
-    UNSUPPORTED_FORMAT = "unsupported_format"
-    TRUNCATED = "truncated"
-    CORRUPT = "corrupt"
-    TOO_MANY_PIXELS = "too_many_pixels"
-    TOO_SMALL = "too_small"
-    WRONG_COLOUR = "wrong_colour"
-
-
-class InputRejected(ValueError):
-    def __init__(self, reason: Reject, message: str) -> None:
-        self.reason = reason
-        self.message = message
-        super().__init__(f"{reason.value}: {message}")
+from service.image_header import (
+    DEFAULT_MAX_PIXELS,
+    MIB,
+    Header,
+    check_complete,
+    read_header,
+)
+from service.image_header import image_size as image_size  # its old home; moved with the header
+from service.rejection import InputRejected, Reject
 
 
 @dataclass(frozen=True)
@@ -62,196 +59,6 @@ class PreparedImage:
     rgb: np.ndarray  # (H, W, 3) uint8 at model resolution, for heatmap overlays
     source_size: tuple[int, int]  # (width, height) as posted, upright (EXIF orientation applied)
     codec: Codec | None = None  # what the bytes were encoded as (format, JPEG quality)
-
-
-# --- header parsing: size and format without decoding -------------------------
-
-_PNG_IEND = b"IEND\xae\x42\x60\x82"
-# JPEG start-of-frame markers carry the size; C4 (DHT), C8 (JPG) and CC (DAC) do not.
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def _sniff(data: bytes) -> str:
-    fmt = sniff_format(data)
-    if fmt is None:
-        raise InputRejected(Reject.UNSUPPORTED_FORMAT, "not a PNG, JPEG, BMP or TIFF image")
-    return fmt
-
-
-def _truncated(fmt: str) -> InputRejected:
-    return InputRejected(Reject.TRUNCATED, f"the {fmt.upper()} header ends early")
-
-
-@dataclass(frozen=True)
-class Header:
-    """What the file header says, before any pixel is decoded."""
-
-    format: str  # png, jpeg, bmp or tiff
-    width: int  # as stored
-    height: int
-    orientation: int = 1  # EXIF: 1 upright, 2..8 mirrored and/or rotated
-    grey: bool | None = None  # single-channel (grey or grey+alpha); None: the pixels tell
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) upright: orientations 5..8 swap the axes."""
-        return (self.height, self.width) if self.orientation >= 5 else (self.width, self.height)
-
-
-def _tiff_ifd0(tiff: bytes, wanted: frozenset[int]) -> dict[int, int]:
-    """The single-number values of the ``wanted`` tags of a TIFF structure's
-    first IFD (a TIFF file, or the Exif block of a JPEG or PNG).
-
-    Raises struct.error where the structure ends early.
-    """
-    order = "<" if tiff[:2] == b"II" else ">"
-    big = tiff[2:4] in (b"+\x00", b"\x00+")
-    if big:  # BigTIFF: 8-byte offsets and counts, 20-byte entries
-        (ifd,) = struct.unpack(order + "Q", tiff[8:16])
-        (count,) = struct.unpack(order + "Q", tiff[ifd : ifd + 8])
-        first, size = ifd + 8, 20
-    else:
-        (ifd,) = struct.unpack(order + "I", tiff[4:8])
-        (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
-        first, size = ifd + 2, 12
-    found: dict[int, int] = {}
-    for e in range(min(count, 4096)):
-        at = first + e * size
-        tag, typ = struct.unpack(order + "HH", tiff[at : at + 4])
-        if tag in wanted:
-            value_at = at + (12 if big else 8)
-            fmt = {3: "H", 4: "I", 16: "Q"}.get(typ)
-            if fmt is None:
-                raise InputRejected(Reject.CORRUPT, f"TIFF tag {tag} of type {typ}")
-            (found[tag],) = struct.unpack(
-                order + fmt, tiff[value_at : value_at + struct.calcsize(fmt)]
-            )
-    return found
-
-
-_ORIENTATION_TAG = 274
-
-
-def _exif_orientation(tiff: bytes) -> int:
-    """The orientation in an Exif block (a TIFF structure); 1 where there is
-    none or it cannot be read: broken metadata does not refuse a good image."""
-    if tiff[:4] not in (b"II*\x00", b"MM\x00*"):
-        return 1
-    try:
-        value = _tiff_ifd0(tiff, frozenset({_ORIENTATION_TAG})).get(_ORIENTATION_TAG, 1)
-    except (struct.error, InputRejected):
-        return 1
-    return value if 1 <= value <= 8 else 1
-
-
-def _png_header(data: bytes) -> Header:
-    if len(data) < 26 or data[12:16] != b"IHDR":
-        raise _truncated("png")
-    w, h = struct.unpack(">II", data[16:24])
-    colour_type = data[25]  # 0 grey, 2 RGB, 3 palette, 4 grey+alpha, 6 RGBA
-    orientation, i = 1, 8
-    while i + 8 <= len(data):  # eXIf comes before the image data, if at all
-        (length,) = struct.unpack(">I", data[i : i + 4])
-        kind = data[i + 4 : i + 8]
-        if kind == b"eXIf":
-            orientation = _exif_orientation(data[i + 8 : i + 8 + length])
-            break
-        if kind in (b"IDAT", b"IEND"):
-            break
-        i += 12 + length
-    return Header("png", w, h, orientation, colour_type in (0, 4))
-
-
-def _bmp_header(data: bytes) -> Header:
-    if len(data) < 26:
-        raise _truncated("bmp")
-    (dib_size,) = struct.unpack("<I", data[14:18])
-    if dib_size == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sizes
-        w, h = struct.unpack("<HH", data[18:22])
-    else:
-        w, h = struct.unpack("<ii", data[18:26])
-    # abs: a negative height means top-down rows. Whether a palette is grey,
-    # only OpenCV's decoding tells (it gives one channel for a grey palette).
-    return Header("bmp", abs(w), abs(h))
-
-
-def _jpeg_header(data: bytes) -> Header:
-    i, n = 2, len(data)
-    orientation: int | None = None
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            raise InputRejected(Reject.CORRUPT, "JPEG marker expected")
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers
-            i += 2
-            continue
-        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
-        if marker == 0xE1 and orientation is None and data[i + 4 : i + 10] == b"Exif\x00\x00":
-            orientation = _exif_orientation(data[i + 10 : i + 2 + length])
-        if marker in _JPEG_SOF:
-            if i + 10 > n:
-                break
-            h, w = struct.unpack(">HH", data[i + 5 : i + 9])
-            components = data[i + 9]
-            return Header("jpeg", w, h, orientation or 1, components == 1)
-        if marker == 0xDA:  # start of scan before any frame header
-            raise InputRejected(Reject.CORRUPT, "JPEG has no frame header")
-        i += 2 + length
-    raise _truncated("jpeg")
-
-
-def _tiff_header(data: bytes) -> Header:
-    # 256/257 width/height, 262 photometric interpretation (0, 1: grey), 274 orientation
-    try:
-        tags = _tiff_ifd0(data, frozenset({256, 257, 262, _ORIENTATION_TAG}))
-        w, h = tags[256], tags[257]
-    except (struct.error, KeyError) as exc:
-        raise _truncated("tiff") from exc
-    orientation = tags.get(_ORIENTATION_TAG, 1)
-    photometric = tags.get(262)
-    return Header(
-        "tiff",
-        w,
-        h,
-        orientation if 1 <= orientation <= 8 else 1,
-        None if photometric is None else photometric in (0, 1),
-    )
-
-
-def read_header(data: bytes) -> Header:
-    """Format, stored size, EXIF orientation and (where the header says) whether
-    the image is single-channel, from the header alone."""
-    if not data:
-        raise InputRejected(Reject.EMPTY, "the request carried no image bytes")
-    fmt = _sniff(data)
-    return {"png": _png_header, "jpeg": _jpeg_header, "bmp": _bmp_header, "tiff": _tiff_header}[
-        fmt
-    ](data)
-
-
-def image_size(data: bytes) -> tuple[str, int, int]:
-    """(format, width, height) from the header alone; the size upright, as
-    the image is inspected (EXIF orientation applied)."""
-    head = read_header(data)
-    return (head.format, *head.size)
-
-
-def _check_complete(fmt: str, data: bytes) -> None:
-    # libjpeg and libpng can hand back a partly grey image from a cut-off
-    # file with only a warning; a part photographed half is not inspected.
-    if fmt == "png" and _PNG_IEND not in data[-64:]:
-        raise InputRejected(Reject.TRUNCATED, "the PNG has no end chunk (file cut off?)")
-    if fmt == "jpeg" and data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) < 0:
-        raise InputRejected(Reject.TRUNCATED, "the JPEG has no end marker (file cut off?)")
-    if fmt == "bmp" and len(data) >= 6:
-        (declared,) = struct.unpack("<I", data[2:6])
-        if declared > len(data):
-            raise InputRejected(
-                Reject.TRUNCATED, f"the BMP declares {declared} bytes but has {len(data)}"
-            )
 
 
 # --- decode and prepare --------------------------------------------------------
@@ -287,18 +94,33 @@ def orient(img: np.ndarray, orientation: int) -> np.ndarray:
         return cv2.flip(img, {2: 1, 3: -1, 4: 0}[orientation])
     if orientation in (5, 6, 7, 8):
         t = cv2.transpose(img)
-        return t if orientation == 5 else cv2.flip(t, {6: 1, 7: -1, 8: 0}[orientation])
+        if orientation == 5:
+            return t
+        return cv2.flip(t, {6: 1, 7: -1, 8: 0}[orientation], dst=t)  # in place: one copy in all
     return img
 
 
-def _decode(
+@dataclass(frozen=True)
+class DecodePlan:
+    """How one image will be decoded, decided from its header before any pixel is."""
+
+    header: Header
+    factor: int  # JPEG scale-down in the DCT domain: 1, 2, 4 or 8
+    # Bytes the decode holds at most, from the header: the file handed to
+    # OpenCV, the decoded pixels, the decoder's own buffers, the copy that
+    # orientation makes, the work at model resolution.
+    peak_bytes: int
+
+
+def plan_decode(
     data: bytes,
-    head: Header,
-    max_pixels: int,
-    min_size: tuple[int, int],
-    target: tuple[int, int] | None,
-) -> np.ndarray:
-    fmt = head.format
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: tuple[int, int] = (1, 1),
+    target: tuple[int, int] | None = None,
+) -> DecodePlan:
+    """Read and check the header (size, pixel budget, smallest size, file
+    complete) and plan the decode; :class:`InputRejected` where it is refused."""
+    head = read_header(data)
     w, h = head.size
     if w <= 0 or h <= 0:
         raise InputRejected(Reject.CORRUPT, f"the header gives a size of {w}x{h}")
@@ -311,26 +133,103 @@ def _decode(
             Reject.TOO_SMALL,
             f"{w}x{h} is smaller than one tile ({min_size[0]}x{min_size[1]})",
         )
-    _check_complete(fmt, data)
-    factor = _jpeg_reduction(w, h, target) if fmt == "jpeg" else 1
+    check_complete(head.format, data)
+    factor = _jpeg_reduction(w, h, target) if head.format == "jpeg" else 1
+    pixels = head.pixel_bytes(factor)
+    if factor > 1:  # decoded from memory (see _decode_planned): OpenCV's Mat, then its copy
+        pixels *= 2
+    oriented = pixels if head.orientation != 1 else 0  # cv2.flip / transpose copy
+    # Resize and conversions at model resolution: a few float32 copies of it.
+    finish = 8 * 4 * 3 * target[0] * target[1] if target else 0
+    peak = len(data) + pixels + head.work_bytes + oriented + finish + MIB
+    return DecodePlan(head, factor, peak)
+
+
+def _flags(head: Header, factor: int) -> int:
+    """What to ask OpenCV for: one channel or three (alpha dropped), samples of
+    the file's own depth, orientation left to :func:`orient`."""
     if factor > 1:
         reduced = _JPEG_REDUCED_GREY if head.grey else _JPEG_REDUCED
-        # Orientation is applied below, the same way at every size.
-        flag = reduced[factor] | cv2.IMREAD_IGNORE_ORIENTATION
-    else:
-        flag = cv2.IMREAD_UNCHANGED  # never applies the orientation itself
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
-    if img is None or img.size == 0:
-        raise InputRejected(Reject.CORRUPT, f"OpenCV could not decode the {fmt.upper()} data")
-    if fmt in ("jpeg", "png"):
-        # OpenCV's TIFF decoder (libtiff) applies tag 274 itself, whatever the flags.
-        img = orient(img, head.orientation)
-    expected = (-(-h // factor), -(-w // factor))  # libjpeg rounds scaled sizes up
-    if img.shape[:2] != expected:
+        return reduced[factor] | cv2.IMREAD_IGNORE_ORIENTATION
+    colour = cv2.IMREAD_GRAYSCALE if head.grey else cv2.IMREAD_COLOR
+    return colour | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+
+
+@contextlib.contextmanager
+def _as_file(data: bytes, patch: tuple[int, bytes] | None) -> Iterator[str]:
+    """``data`` as a file OpenCV can open by name (in memory where the OS has
+    memfd), with ``patch`` (offset, bytes) written over it."""
+    view = memoryview(data)
+    parts: list[memoryview] = [view]
+    if patch is not None:
+        at, value = patch
+        parts = [view[:at], memoryview(value), view[at + len(value) :]]
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("inspection-image", os.MFD_CLOEXEC)
+        try:
+            for part in parts:
+                _write_all(fd, part)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    with tempfile.NamedTemporaryFile(prefix="inspection-image-") as f:
+        for part in parts:
+            f.write(part)
+        f.flush()
+        yield f.name
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _opencv_said(exc: cv2.error) -> str:
+    """The gist of an OpenCV exception, on one line."""
+    text = " ".join(str(exc).split())
+    at = text.find("(expected:")
+    return text[at:][:300] if at >= 0 else text[-300:]
+
+
+def _decode_planned(data: bytes, plan: DecodePlan) -> np.ndarray:
+    head, factor = plan.header, plan.factor
+    fmt = head.format.upper()
+    w, h = -(-head.width // factor), -(-head.height // factor)
+    shape = (h, w) if head.grey else (h, w, 3)
+    try:
+        if factor > 1:
+            # A JPEG scaled down 2-8x in the DCT domain: its pixels are a fraction
+            # of the frame's, so OpenCV's own Mat and the copy the Python binding
+            # makes of it cost little; decoding from memory saves the file below.
+            # libjpeg reads the one frame header the walk in image_header found.
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), _flags(head, factor))
+        else:
+            # Into an array of the header's stored size and sample type: OpenCV
+            # compares it with its own reading of the header and refuses a
+            # difference before it decodes, so it never allocates what the
+            # header did not announce (and no second copy for Python).
+            dst = np.empty(shape, head.dtype)
+            with _as_file(data, head.orientation_patch) as path:
+                # imread into an array returns it untouched where OpenCV cannot
+                # read the header; imcount (0 then) tells that case apart.
+                if cv2.imcount(path) < 1:
+                    raise InputRejected(Reject.CORRUPT, f"OpenCV could not read the {fmt} header")
+                img = cv2.imread(path, dst, _flags(head, factor))
+    except cv2.error as exc:
         raise InputRejected(
-            Reject.CORRUPT, f"header says {w}x{h}, pixels are {img.shape[1]}x{img.shape[0]}"
+            Reject.CORRUPT, f"OpenCV refused the {fmt}: {_opencv_said(exc)}"
+        ) from exc
+    if img is None or img.size == 0:
+        raise InputRejected(Reject.CORRUPT, f"OpenCV could not decode the {fmt} data")
+    if img.shape != shape or img.dtype != np.dtype(head.dtype):  # never trust silently
+        raise InputRejected(
+            Reject.CORRUPT,
+            f"header says {head.width}x{head.height}, pixels are {img.shape[1]}x{img.shape[0]}",
         )
-    return img
+    # Orientation is applied here, the same way at every size and format (a
+    # TIFF's orientation tag is patched to 1 above: libtiff would rotate by itself).
+    return orient(img, head.orientation)
 
 
 def decode(
@@ -340,7 +239,8 @@ def decode(
     target: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Decoded pixels, upright (EXIF orientation applied), as OpenCV gives
-    them (BGR order, native dtype).
+    them (BGR order, or one channel for single-channel images; alpha dropped;
+    native sample type).
 
     ``min_size`` is (width, height); smaller images are refused. ``target``
     (width, height) is the size the caller will resize to: a large JPEG is then
@@ -348,7 +248,7 @@ def decode(
     filter, like the area filter), which is several times faster than decoding
     a 12 MP frame in full only to average it away.
     """
-    return _decode(data, read_header(data), max_pixels, min_size, target)
+    return _decode_planned(data, plan_decode(data, max_pixels, min_size, target))
 
 
 def _channels(img: np.ndarray) -> int:
@@ -357,13 +257,9 @@ def _channels(img: np.ndarray) -> int:
 
 def is_greyscale(data: bytes) -> bool:
     """Whether an encoded image is single-channel (grey, or grey with alpha),
-    as :func:`prepare` judges it: from the header where it says (PNG, JPEG,
-    TIFF), else from the decoded pixels (BMP: OpenCV gives one channel for a
-    grey palette)."""
-    head = read_header(data)
-    if head.grey is not None:
-        return head.grey
-    return _channels(_decode(data, head, DEFAULT_MAX_PIXELS, (1, 1), None)) in (1, 2)
+    as :func:`prepare` judges it: from the header (a BMP's from its palette,
+    grey where every colour of it is, as OpenCV judges it)."""
+    return read_header(data).grey
 
 
 def to_grey(img: np.ndarray) -> np.ndarray:
@@ -456,23 +352,40 @@ def normalise_rgb8(rgb: np.ndarray, spec: InputSpec) -> np.ndarray:
     return np.ascontiguousarray(table.transpose(2, 0, 1))
 
 
+def plan_prepare(
+    data: bytes,
+    spec: InputSpec | None = None,
+    grid: TileGrid | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> DecodePlan:
+    """The header checks of :func:`prepare` and its decode plan, without decoding."""
+    spec = spec or InputSpec()
+    grid = grid or TileGrid()
+    tile = (spec.width // grid.cols, spec.height // grid.rows)
+    plan = plan_decode(data, max_pixels, tile, (spec.width, spec.height))
+    if plan.header.grey and spec.color == "RGB":  # known from the header: not decoded for nothing
+        raise InputRejected(
+            Reject.WRONG_COLOUR, "the model inspects colour (RGB) images; this image is greyscale"
+        )
+    return plan
+
+
 def prepare(
     data: bytes,
     spec: InputSpec | None = None,
     grid: TileGrid | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    plan: DecodePlan | None = None,
 ) -> PreparedImage:
-    """Decode, check and convert one posted image for the model."""
+    """Decode, check and convert one posted image for the model.
+
+    ``plan``: :func:`plan_prepare`'s for the same bytes and arguments, where the
+    caller has made it already (the server, to reserve its memory first).
+    """
     spec = spec or InputSpec()
-    grid = grid or TileGrid()
-    tile = (spec.width // grid.cols, spec.height // grid.rows)
-    head = read_header(data)
-    img = _decode(data, head, max_pixels, tile, (spec.width, spec.height))
-    grey = head.grey if head.grey is not None else _channels(img) in (1, 2)
-    if grey and spec.color == "RGB":
-        raise InputRejected(
-            Reject.WRONG_COLOUR, "the model inspects colour (RGB) images; this image is greyscale"
-        )
+    plan = plan or plan_prepare(data, spec, grid, max_pixels)
+    head = plan.header
+    img = _decode_planned(data, plan)
     source_size = head.size
     codec = detect_codec(data)
     # Resize before the float conversion: on a 12 MP frame that is 4x less

@@ -27,6 +27,7 @@ from service.recalibration import (
     parse_target,
     recalibrate,
 )
+from service.sign_artifact import add_signer_arguments, signer_from_args
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         help="how the line's camera encodes images (png, jpeg:90, ...); the images are "
         "re-encoded so; default: detected from the images, which are used as they are",
     )
+    # Where the servers only serve signed versions (INSPECTION_ARTIFACT_*_KEY):
+    # the new version is signed as it is written, so none ever sees it unsigned.
+    add_signer_arguments(ap)
     args = ap.parse_args(argv)
     try:
         operator = parse_operator(args.operator)
@@ -105,11 +109,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise ArtifactError(version_dir, "no such version")
         else:
             version_dir = resolve_version_dir(args.model_dir)
+        try:
+            signer = signer_from_args(args)
+        except ValueError as exc:  # a key file that is not a usable key
+            raise RecalibrationError("invalid_key", str(exc)) from exc
         files = image_files(args.images)
         images = [f.read_bytes() for f in files]
         result = recalibrate(
             version_dir, images, target_fpr=target, operator=operator, codec=codec,
-            names=[str(f) for f in files],
+            names=[str(f) for f in files], signer=signer,
         )  # fmt: skip
     except (RecalibrationError, ArtifactError, OSError) as exc:
         print(f"inspection-recalibrate: error: {exc}", file=sys.stderr)

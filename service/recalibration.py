@@ -35,9 +35,16 @@ from typing import Literal
 
 import numpy as np
 
-from service.artifact import LoadedArtifact, load_artifact, next_version, write_artifact
+from service.artifact import (
+    LoadedArtifact,
+    load_artifact,
+    next_version,
+    read_metadata,
+    write_artifact,
+)
 from service.calibration import (
     METHOD,
+    MIN_TARGET_FPR,
     ConformalThresholds,
     conformal_thresholds,
     images_for_target,
@@ -54,7 +61,9 @@ from service.contract import (
     ModelMetadata,
     Thresholds,
 )
-from service.preprocessing import InputRejected, prepare
+from service.preprocessing import prepare
+from service.rejection import InputRejected
+from service.signing import Signer
 
 # Fewer distinct good images than this are refused: with n images the best
 # promise is 1/(n+1), and below ten the thresholds hang on one or two parts.
@@ -84,14 +93,15 @@ class ImageRefused(RecalibrationError):
 
 
 def parse_target(value: float | str) -> float:
-    """A target false-reject rate in (0, 1), or RecalibrationError."""
+    """A target false-reject rate in [MIN_TARGET_FPR, 1), or RecalibrationError."""
     try:
         target = float(value)
     except (TypeError, ValueError):
         target = float("nan")
-    if not 0 < target < 1:
+    if not MIN_TARGET_FPR <= target < 1:
         raise RecalibrationError(
-            "invalid_target", f"target_fpr must be a number in (0, 1), got {value!r}"
+            "invalid_target",
+            f"target_fpr must be a number in [{MIN_TARGET_FPR:g}, 1), got {value!r}",
         )
     return target
 
@@ -256,6 +266,7 @@ def recalibrated_metadata(
             "thresholds": Thresholds(eps0=eps[0], tiles=tuple(eps[1:])),
             "calibration": calibration,
             "evaluation": evaluation,
+            "artifact_sha256": None,  # the parent's; the writer stamps the new content's
         }
     )
 
@@ -317,6 +328,7 @@ def recalibrate(
     codec: Codec | None = None,
     out_dir: Path | None = None,
     names: Sequence[str] | None = None,
+    signer: Signer | None = None,
 ) -> RecalibrationResult:
     """Write the next version of ``version_dir``'s model, calibrated on ``images``.
 
@@ -324,7 +336,8 @@ def recalibrate(
     version), opened on the CPU, or an already loaded artifact, whose session
     is reused (the server's, so no second copy of the graph). The new version
     goes under ``out_dir``, by default the parent's model directory. Images
-    are good parts from the line; ``names`` only label them in errors.
+    are good parts from the line; ``names`` only label them in errors. A
+    ``signer`` signs the new version as it is written (service/signing.py).
     """
     target_fpr = parse_target(target_fpr)
     if names is not None and len(names) != len(images):
@@ -366,10 +379,10 @@ def recalibrate(
         raise RecalibrationError(
             "parent_changed", f"{art.path / MODEL_FILE} no longer has the sha256 it was loaded with"
         )
-    new_dir = write_artifact(model_dir / str(version), onnx_bytes, metadata)
+    new_dir = write_artifact(model_dir / str(version), onnx_bytes, metadata, signer)
     return RecalibrationResult(
         version_dir=new_dir,
-        metadata=metadata,
+        metadata=read_metadata(new_dir),  # as written: with its artifact_sha256
         parent=parent,
         calibration=cal,
         images=len(distinct),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 K8S = REPO / "k8s"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "inspection.json"
+# ServiceMonitor and PrometheusRule CRDs, vendored from one prometheus-operator release.
+OPERATOR_CRDS = REPO / "tests" / "vendor" / "prometheus-operator-crds"
+ADAPTER_VALUES = K8S / "monitoring" / "prometheus-adapter-values.yaml"
 
 
 def tool(name: str, why: str) -> str:
@@ -84,6 +89,8 @@ def dashboard_metric_names() -> dict[str, set[str]]:
     for metric in hpa["spec"]["metrics"]:
         if metric["type"] == "Pods":
             add("k8s/hpa.yaml", metric["pods"]["metric"]["name"])
+    for rule in yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]:
+        add("prometheus-adapter rule", rule["seriesQuery"])
     return where
 
 
@@ -146,3 +153,48 @@ def label_names(expr: str) -> set[str]:
     for group in _GROUPING.findall(expr):
         names |= {n.strip() for n in group.split(",") if n.strip()}
     return names - {"le", "job", "instance"}
+
+
+def _strict(schema: Any) -> Any:
+    """A CRD schema that refuses unknown fields, as ``kubectl apply
+    --validate=strict`` does: the API server would otherwise drop them
+    silently (pruning), so a misspelt key would pass unnoticed."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@functools.cache
+def operator_crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> the strict openAPIV3Schema of each served version
+    of the vendored Prometheus Operator CRDs."""
+    import yaml
+
+    schemas = {}
+    for path in sorted(OPERATOR_CRDS.glob("*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            if version["served"]:
+                key = (f"{spec['group']}/{version['name']}", spec["names"]["kind"])
+                schemas[key] = _strict(version["schema"]["openAPIV3Schema"])
+    return schemas
+
+
+def validate_operator_crd(doc: dict[str, Any]) -> None:
+    """Validate a ServiceMonitor or PrometheusRule against its CRD's schema;
+    raises jsonschema.ValidationError (or KeyError for a kind or version the
+    vendored CRDs do not serve)."""
+    import jsonschema
+
+    schema = operator_crd_schemas()[(doc["apiVersion"], doc["kind"])]
+    jsonschema.Draft7Validator(schema).validate(doc)

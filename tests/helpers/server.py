@@ -40,7 +40,10 @@ def run_server(model_dir: Path | None, log_dir: Path, **settings: str) -> Iterat
     """Start the server with INSPECTION_<KEY> settings; SIGTERM it on exit.
 
     ``model_dir=None`` passes no --model-dir: the server picks its default model.
+    The drain on SIGTERM is off (``drain_s=0``) unless a test asks for one, so
+    that stopping a server does not wait out the drain.
     """
+    settings.setdefault("drain_s", "0")
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("INSPECTION_")}
     env.update({f"INSPECTION_{k.upper()}": v for k, v in settings.items()})

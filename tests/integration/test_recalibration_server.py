@@ -86,6 +86,8 @@ def test_refusals_answer_in_the_error_envelope_and_write_nothing(
     assert_api_error(_recalibrate(server, PARTS, codec="gif:3"), 400, "invalid_codec")
     assert_api_error(_recalibrate(server, PARTS, target_fpr="1.5"), 400, "invalid_target")
     assert_api_error(_recalibrate(server, PARTS, target_fpr="often"), 400, "invalid_target")
+    # found by schemathesis: the smallest float overflowed 1/target into a 500
+    assert_api_error(_recalibrate(server, PARTS, target_fpr="5e-324"), 400, "invalid_target")
     assert_api_error(_recalibrate(server, PARTS, operator=" "), 400, "invalid_operator")
     r = httpx.post(
         f"{server.base}/v1/models/recalibrate",

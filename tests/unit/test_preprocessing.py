@@ -12,19 +12,18 @@ import pytest
 
 from service.codec import detect_codec
 from service.contract import InputSpec, Normalization
+from service.image_header import image_size
 from service.preprocessing import (
-    InputRejected,
-    Reject,
     as_input_colour,
     decode,
     denormalise,
-    image_size,
     is_greyscale,
     normalise,
     prepare,
     resize,
     to_rgb01,
 )
+from service.rejection import InputRejected, Reject
 from tests.helpers.synthetic import encode, encode_png, good_image
 
 GREY = InputSpec(color="grey")

@@ -1,8 +1,6 @@
-"""The admin routes: reloading the model, and recalibrating it on line images.
-
-Included by :func:`service.app.create_app` next to the ``/v1`` router; the
-admin key (``INSPECTION_ADMIN_KEY``) opens them, and nothing else does. The
-recalibration itself is :mod:`service.recalibration`; its route only reads
+"""The model resource: what is served (a client key), reloading it and
+recalibrating it on line images (the admin key, ``INSPECTION_ADMIN_KEY``,
+and nothing else). The recalibration itself is :mod:`service.recalibration`; its route only reads
 the form, runs it in a thread on the served artifact's own session and swaps
 the new version in.
 """
@@ -15,20 +13,16 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 
-from service.app import (
-    ERRORS,
-    ApiError,
-    RuntimeDep,
-    SettingsDep,
-    models,
-    require_admin_key,
-)
 from service.artifact import ArtifactError
+from service.calibration import MIN_TARGET_FPR
 from service.contract import METADATA_FILE
+from service.deps import RuntimeDep, SettingsDep, read_form, require_admin_key, require_api_key
+from service.errors import ApiError
+from service.openapi import BODY_ERRORS, ERRORS, files_array
 from service.recalibration import (
     DEFAULT_TARGET_FPR,
+    MIN_IMAGES,
     RecalibrationError,
     parse_codec,
     parse_operator,
@@ -49,11 +43,15 @@ RECALIBRATION_BODY = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "files": files_array(
+                            "max_recalibration_files",
+                            MIN_IMAGES,
+                            f"the good parts' images; at least {MIN_IMAGES} distinct",
+                        ),
                         "operator": {"type": "string", "maxLength": 200},
                         "target_fpr": {
                             "type": "number",
-                            "exclusiveMinimum": 0,
+                            "minimum": MIN_TARGET_FPR,
                             "exclusiveMaximum": 1,
                         },
                         "codec": {"type": "string", "examples": ["jpeg:90"]},
@@ -78,6 +76,20 @@ def _lock(request: Request) -> asyncio.Lock:
 
 
 LockDep = Annotated[asyncio.Lock, Depends(_lock)]
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=ERRORS)
+
+
+@router.get("/models", response_model=ModelInfo, summary="The model in service")
+async def models(runtime: RuntimeDep) -> ModelInfo:
+    """Its metadata (thresholds, calibration, evaluation, sha256) and the provider in use."""
+    art = runtime.current
+    meta = art.metadata
+    return ModelInfo(
+        name=meta.name, version=meta.version, family=meta.family, provider=art.provider,
+        path=str(art.path), metadata=meta.model_dump(mode="json"),
+    )  # fmt: skip
+
 
 # The admin key alone opens these routes: it is no client key, and with
 # INSPECTION_API_KEYS set a client key must not open them either.
@@ -112,7 +124,16 @@ def _text(form: Any, key: str) -> str | None:
     response_model=RecalibrationResponse,
     openapi_extra=RECALIBRATION_BODY,
     summary="Recalibrate the served model on good parts and serve the new version",
-    responses={409: {"model": ErrorResponse, "description": "the new version could not be served"}},
+    responses={
+        **BODY_ERRORS,
+        400: {
+            "model": ErrorResponse,
+            "description": "the form was refused: `too_few_images`, `invalid_image`, "
+            "`invalid_codec`, `invalid_target`, `invalid_operator`, `missing_file`, "
+            "`invalid_multipart`",
+        },
+        409: {"model": ErrorResponse, "description": "the new version could not be served"},
+    },
 )
 async def recalibrate_model(
     request: Request, runtime: RuntimeDep, settings: SettingsDep, lock: LockDep
@@ -120,27 +141,18 @@ async def recalibrate_model(
     """New thresholds from good parts confirmed on the line, written as the next
     version of the served model (same graph and sha256, new thresholds and
     calibration record), then reloaded. The served version stays on disk."""
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "multipart/form-data":
-        raise ApiError(415, "unsupported_media_type", "send the images as multipart/form-data")
     if (Path(settings.model_dir) / METADATA_FILE).exists():
         raise ApiError(
             409, "version_pinned",
             f"the server serves the version directory {settings.model_dir} itself, so it "
             "would never load a new version; point INSPECTION_MODEL_DIR at the model directory",
         )  # fmt: skip
-    try:
-        form = await request.form(
-            max_files=settings.max_recalibration_files, max_part_size=settings.max_body_bytes
-        )
-    except HTTPException as exc:  # Starlette's answer to a malformed or oversized form
-        if "too many files" in str(exc.detail).lower():
-            raise ApiError(
-                413, "too_many_files",
-                f"at most {settings.max_recalibration_files} images per recalibration "
-                "(INSPECTION_MAX_RECALIBRATION_FILES)",
-            ) from exc  # fmt: skip
-        raise ApiError(400, "invalid_multipart", str(exc.detail)) from exc
+    form = await read_form(
+        request,
+        settings.max_recalibration_files,
+        settings.max_body_bytes,
+        "INSPECTION_MAX_RECALIBRATION_FILES",
+    )
     try:
         operator = parse_operator(_text(form, "operator") or "")
         target = parse_target(_text(form, "target_fpr") or DEFAULT_TARGET_FPR)
@@ -160,6 +172,7 @@ async def recalibrate_model(
             result = await asyncio.to_thread(
                 recalibrate, art, images,
                 target_fpr=target, operator=operator, codec=codec, names=names,
+                signer=settings.artifact_signer(),
             )  # fmt: skip
         except RecalibrationError as exc:
             raise ApiError(_STATUS.get(exc.reason, 400), exc.reason, exc.message) from exc
