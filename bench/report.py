@@ -53,7 +53,7 @@ GPU_HTTP_RUNS = [
 
 
 def _gpu_targets() -> list[str]:
-    """Issue 13's targets on the GPU, met or not, from the GPU machine's results."""
+    """The GPU targets, met or not, from the GPU machine's results."""
     rows = []
     for name, _ in GPU_HTTP_RUNS:
         http = _load(name)
@@ -232,7 +232,7 @@ def _http_section(name: str, title: str, http: dict[str, Any]) -> list[str]:
 
 
 def _targets() -> list[str]:
-    """The issue's four targets against the figures below, met or not."""
+    """The CPU targets against the figures below, met or not."""
     http, soak = _load("http_load"), _load("soak")
     rows = []
     if http:

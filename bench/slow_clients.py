@@ -10,8 +10,8 @@ Two parts, each run on a fresh ``python -m service`` on 127.0.0.1:
   server still holds after 5, 15, 30 s and at the end, when it cut the last
   one off, what it answered them (408 header_timeout, 503 when the cap
   closed the longest-waiting, nothing), and whether the probes were served.
-  Run once as before issue 14 (header_timeout_s=0, max_connections=0: plain
-  uvicorn) and once with the server's defaults (10 s, 1000 connections).
+  Run once without these limits (header_timeout_s=0, max_connections=0:
+  plain uvicorn) and once with the server's defaults (10 s, 1000 connections).
 * drain: ``--drain-clients`` closed-loop clients post the real image; after
   3 s the server gets SIGTERM. Reported: requests in flight at SIGTERM and
   how many were answered 200, requests answered during the drain, when

@@ -75,9 +75,9 @@ from model_export.data import (
     checkpoint_split,
     fingerprint,
     holdout_count,
+    labelled_images,
     load_tensor,
     split_paths,
-    test_items,
 )
 from model_export.device import (
     DEVICE_HELP,
@@ -353,7 +353,7 @@ def evaluate(
         )
     spec = checkpoint_spec(ckpt)
     check_test_split(source, spec)
-    items = test_items(source.test, source.masks)
+    items = labelled_images(source.test, source.masks)
     record = Calibration.model_validate(cal["record"])
     codec = record.codec  # the test images as the calibrated camera would send them
     errors, maps = score(model, [p for p, _, _ in items], codec=codec, spec=spec)
@@ -381,7 +381,7 @@ def evaluate(
     _save(work, "evaluation.json", metrics)
     _save(work, "per_image.json", per_image)
     write_plots(work, items, errors, maps, eps, labels)
-    write_summary(work, ckpt, metrics, cal.get("validation"), masked)
+    write_summary(work, ckpt, metrics, cal.get("validation"), masked, cal["record"])
     print(json.dumps(metrics, indent=2))
     return metrics
 
@@ -390,7 +390,7 @@ def summarise_without_test(work: Path) -> None:
     """summary.md for a model without a test split: training and validation."""
     ckpt = torch.load(work / CHECKPOINT, map_location="cpu", weights_only=False)
     cal = _load(work, "calibration.json")
-    write_summary(work, ckpt, None, cal.get("validation"))
+    write_summary(work, ckpt, None, cal.get("validation"), None, cal["record"])
 
 
 def export(work: Path, out: Path, name: str | None = None) -> float:
@@ -692,10 +692,7 @@ def _images_needed(need: int, holdout: float) -> int:
 
 def _check_target(n: int, holdout: float, target: float, explicit: bool) -> None:
     """The held-out images against the calibration target, before any work."""
-    try:
-        need = images_for_target(target)
-    except ValueError as exc:
-        raise ConfigError(f"--target-fpr {target}: {exc}") from None
+    need = images_for_target(target)  # a valid target: _resolve checked it
     n_hold = holdout_count(n, holdout)
     if n_hold >= need:
         return
@@ -738,9 +735,11 @@ def _resolve(args: argparse.Namespace) -> Job:
             "no images: give --good DIR (a folder of defect-free images) or --data CATEGORY "
             "(MVTec AD layout)"
         )
-    name = args.name or (source.category if source else None)
-    if name is not None and not MODEL_NAME.match(name):
-        raise ConfigError(f"--name {name}: letters, digits and _ . - only")
+    if args.name is not None and not MODEL_NAME.match(args.name):
+        raise ConfigError(f"--name {args.name}: letters, digits and _ . - only")
+    name = args.name
+    if name is None and source is not None:  # made fit for a directory name
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "-", source.category).strip("-.") or "model"
     suffix = NAME_SUFFIX.get(args.family, args.family)
     work = args.work
     if work is None:
@@ -758,6 +757,10 @@ def _resolve(args: argparse.Namespace) -> Job:
     else:
         out = None
     target = DEFAULT_TARGET_FPR if args.target_fpr is None else args.target_fpr
+    try:
+        images_for_target(target)
+    except ValueError as exc:
+        raise ConfigError(f"--target-fpr {target}: {exc}") from None
     checked = None
     if training:
         assert source is not None
@@ -771,7 +774,6 @@ def _resolve(args: argparse.Namespace) -> Job:
         checked = paths, spec
         if stage == "run":
             _check_target(len(paths), args.holdout, target, args.target_fpr is not None)
-        if stage == "run":
             check_test_split(source, spec)
     elif stage in ("calibrate", "evaluate", "export") and not (work / CHECKPOINT).is_file():
         raise DataError(f"{work / CHECKPOINT} is missing: train first (--work {work})")
@@ -854,7 +856,8 @@ def _run(args: argparse.Namespace, job: Job, device: torch.device) -> None:
                 f"`inspection-train predict {job.out} IMAGES...`"
             )
     elif stage == "run":
-        print("not exported (no --export given): trained, calibrated and evaluated")
+        why = "--no-export" if args.no_export else "no --export given"
+        print(f"not exported ({why}); {job.work / 'summary.md'} says how it did")
 
 
 if __name__ == "__main__":

@@ -138,16 +138,16 @@ def fingerprint(paths: Sequence[Path]) -> str:
 
 def test_set(category: Path, size: int = 300) -> list[tuple[Path, int, np.ndarray]]:
     """(image, label 1=defective, mask bool (size, size)) for every test image."""
-    return test_items(category / "test", category / "ground_truth", size)
+    return labelled_images(category / "test", category / "ground_truth", size)
 
 
-def test_kinds(test: Path) -> list[Path]:
+def kind_folders(test: Path) -> list[Path]:
     """The folders of a test split: good/ and one per defect kind (a
     ``ground_truth`` folder inside it holds masks, not images)."""
     return sorted(p for p in test.iterdir() if p.is_dir() and p.name != MASKS_DIR)
 
 
-def test_items(
+def labelled_images(
     test: Path, masks: Path | None, size: int = 300
 ) -> list[tuple[Path, int, np.ndarray]]:
     """(image, label 1=defective, mask bool (size, size)) for every image of a
@@ -156,7 +156,7 @@ def test_items(
     ``masks/<kind>/<name>_mask.png`` (MVTec AD's layout); without one it is
     all False (no pixel figure counts that image: evaluation.evaluate_scores)."""
     out = []
-    for d in test_kinds(test):
+    for d in kind_folders(test):
         for p in list_images(d):
             mask = np.zeros((size, size), bool)
             if d.name != "good" and masks is not None:

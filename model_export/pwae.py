@@ -606,7 +606,10 @@ def fit(
     model.eval()
     if config.error_normalisation == "zscore":
         if on_stage is not None:
-            on_stage(f"per-pixel error statistics over the {len(x_all)} images (once)")
+            on_stage(
+                f"fitting per-pixel error statistics on the {len(x_all)} images "
+                "(once, after the epochs)"
+            )
         model.fit_error_statistics(x_all, progress=progress)
     return model, {"history": history, "seconds_before": seconds_before}
 

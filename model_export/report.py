@@ -114,6 +114,22 @@ def _validation_line(v: dict[str, float]) -> str:
     )
 
 
+def _promise_line(record: dict[str, Any]) -> str:
+    """What the thresholds promise on new good parts, against the target."""
+    promised, upper = record.get("promised_fpr"), record.get("fpr_upper_90")
+    if promised is None or upper is None:
+        return f"Thresholds set for a {record['target_fpr']:.2%} false-reject target."
+    kept = (
+        ""
+        if promised <= record["target_fpr"] + 1e-12
+        else (f", above the {record['target_fpr']:.2%} target: more good images would lower it")
+    )
+    return (
+        f"The thresholds promise a false-reject rate on new good parts of at most "
+        f"{promised:.2%} expected ({upper:.2%} with 90% probability){kept}."
+    )
+
+
 def _figure(m: dict[str, float], key: str, why_missing: str) -> str:
     return f"{m[key]:.3f}" if key in m else f"- ({why_missing})"
 
@@ -124,10 +140,12 @@ def write_summary(
     metrics: dict[str, float] | None,
     validation: dict[str, float] | None = None,
     masked_defective: int | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> None:
-    """summary.md: training, validation and, where there was a test split
-    (``metrics``), its figures. ``masked_defective``: how many defective test
-    images had a mask (the pixel figures' images)."""
+    """summary.md: training, the calibration's promise (``calibration``: its
+    record), validation and, where there was a test split (``metrics``), its
+    figures. ``masked_defective``: how many defective test images had a mask
+    (the pixel figures' images)."""
     dataset = str(ckpt.get("dataset", Path(ckpt["data"]).resolve().parent.name))
     category = str(ckpt.get("category", Path(ckpt["data"]).name))
     lines = [
@@ -136,6 +154,7 @@ def write_summary(
         f"Trained on {len(ckpt['fit'])} defect-free images in {ckpt['train_seconds']:.0f} s; "
         f"thresholds calibrated on {len(ckpt['holdout'])} held-out defect-free images.",
         "",
+        *([] if calibration is None else [_promise_line(calibration), ""]),
         *([] if validation is None else [_validation_line(validation), ""]),
     ]
     if metrics is None:

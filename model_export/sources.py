@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from model_export.data import IMAGE_EXTS, MASKS_DIR, list_images, test_items, test_kinds
+from model_export.data import IMAGE_EXTS, MASKS_DIR, kind_folders, labelled_images, list_images
 from service.contract import InputSpec
 from service.preprocessing import plan_prepare
 from service.rejection import InputRejected, Reject
@@ -48,10 +48,6 @@ class Source:
     masks: Path | None  # ground_truth/<kind>/<name>_mask.png, where there are masks
     dataset: str
     category: str
-
-    def describe(self) -> str:
-        test = "no test split" if self.test is None else f"test split {self.test}"
-        return f"good images from {self.good} ({test})"
 
 
 def _exts() -> str:
@@ -217,7 +213,7 @@ def check_test_split(source: Source, spec: InputSpec) -> int:
     test = source.test
     if test is None:
         return 0
-    kinds = test_kinds(test)
+    kinds = kind_folders(test)
     names = [d.name for d in kinds]
     if "good" not in names or len(names) < 2:
         raise DataError(
@@ -227,7 +223,7 @@ def check_test_split(source: Source, spec: InputSpec) -> int:
     empty = [str(d) for d in kinds if not list_images(d)]
     if empty:
         raise DataError(f"test split {test}: empty folders {', '.join(empty)}")
-    paths = [p for p, _, _ in test_items(test, None, 8)]
+    paths = [p for p, _, _ in labelled_images(test, None, 8)]
     problems = []
     for p in paths:
         try:

@@ -189,6 +189,19 @@ def check_version_folder(version_dir: Path | str, metadata: ModelMetadata) -> No
         )
 
 
+def check_graph(version_dir: Path, metadata: ModelMetadata) -> None:
+    """``model.onnx`` is present and has the sha256 the metadata records."""
+    model_path = version_dir / MODEL_FILE
+    if not model_path.is_file():
+        raise ArtifactError(model_path, "missing file")
+    actual = sha256_file(model_path)
+    if actual != metadata.onnx_sha256:
+        raise ArtifactError(
+            model_path,
+            f"sha256 mismatch: metadata says {metadata.onnx_sha256}, file has {actual}",
+        )
+
+
 def verify_files(
     version_dir: Path | str, verifier: SignatureVerifier | None = None
 ) -> ModelMetadata:
@@ -200,15 +213,7 @@ def verify_files(
     raw, metadata = _read_metadata(version_dir)
     digest = _check_digest(meta_path, raw, metadata)
     check_version_folder(version_dir, metadata)
-    model_path = version_dir / MODEL_FILE
-    if not model_path.is_file():
-        raise ArtifactError(model_path, "missing file")
-    actual = sha256_file(model_path)
-    if actual != metadata.onnx_sha256:
-        raise ArtifactError(
-            model_path,
-            f"sha256 mismatch: metadata says {metadata.onnx_sha256}, file has {actual}",
-        )
+    check_graph(version_dir, metadata)
     if verifier is not None:
         try:
             verifier.verify(version_dir, digest)

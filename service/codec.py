@@ -15,7 +15,8 @@ import struct
 import cv2
 import numpy as np
 
-from service.contract import Codec, CodecFormat
+from service.contract import Codec
+from service.image_header import sniff
 
 # The JPEG standard's luminance quantisation table (Annex K), row-major; an
 # encoder at quality q scales it as libjpeg does (see _libjpeg_table).
@@ -92,22 +93,9 @@ def jpeg_quality(data: bytes) -> int | None:
     return best + 1 if distance[best] <= _MAX_TABLE_DISTANCE else None
 
 
-def sniff_format(data: bytes) -> CodecFormat | None:
-    """The image format by its signature; None if not one the service reads."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if data.startswith(b"BM"):
-        return "bmp"
-    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    return None
-
-
 def detect_codec(data: bytes) -> Codec | None:
     """Format (and JPEG quality) of encoded image bytes; None if not an image we read."""
-    fmt = sniff_format(data)
+    fmt = sniff(data)
     if fmt is None:
         return None
     return Codec(format=fmt, quality=jpeg_quality(data) if fmt == "jpeg" else None)

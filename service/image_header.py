@@ -27,6 +27,7 @@ import re
 import struct
 from dataclasses import dataclass
 
+from service.contract import CodecFormat
 from service.rejection import InputRejected, Reject
 
 DEFAULT_MAX_PIXELS = 40_000_000  # a 4096x3000 camera frame is 12.3 MP
@@ -85,9 +86,8 @@ def _truncated(fmt: str) -> InputRejected:
     return InputRejected(Reject.TRUNCATED, f"the {fmt.upper()} header ends early")
 
 
-def sniff(data: bytes) -> str | None:
-    """The image format by its signature; None if not one the service reads
-    (the same test as service.codec.sniff_format, without OpenCV)."""
+def sniff(data: bytes) -> CodecFormat | None:
+    """The image format by its signature; None if not one the service reads."""
     if data.startswith(b"\x89PNG\r\n\x1a\n"):
         return "png"
     if data.startswith(b"\xff\xd8\xff"):

@@ -33,13 +33,12 @@ from pathlib import Path
 
 from service.artifact import (
     ArtifactError,
+    check_graph,
     check_version_folder,
     read_metadata,
-    sha256_file,
     verify_files,
     write_metadata,
 )
-from service.contract import MODEL_FILE
 from service.signing import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -77,14 +76,7 @@ def restamp(version_dir: Path) -> str:
         verify_files(version_dir)  # a stamp that no longer matches is refused, not renewed
         return f"{version_dir}: already stamped (artifact_sha256 {metadata.artifact_sha256})"
     check_version_folder(version_dir, metadata)
-    model_path = version_dir / MODEL_FILE
-    if not model_path.is_file():
-        raise ArtifactError(model_path, "missing file")
-    actual = sha256_file(model_path)
-    if actual != metadata.onnx_sha256:
-        raise ArtifactError(
-            model_path, f"sha256 mismatch: metadata says {metadata.onnx_sha256}, file has {actual}"
-        )
+    check_graph(version_dir, metadata)
     stamped = write_metadata(version_dir, metadata)
     verify_files(version_dir)
     return f"{version_dir}: stamped artifact_sha256 {stamped.artifact_sha256}"

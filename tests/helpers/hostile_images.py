@@ -1,6 +1,6 @@
 """Image files written to make a decoder allocate more than their header says.
 
-Issue 14's two files, made here so the tests build them themselves:
+Two files that once took gigabytes of decoder memory, made here so the tests build them themselves:
 
 * :func:`tiff_duplicate_size` (about 1.2 MB): a TIFF whose first directory
   names its width and height twice, 20000x20000 first and 300x300 after.
@@ -86,7 +86,7 @@ def png_zeros(
 
 
 def png_rgba16(side: int = 6300) -> bytes:
-    """Issue 14's PNG: 16-bit RGBA, side x side (39.7 MP at 6300), about 0.3 MB."""
+    """The PNG: 16-bit RGBA, side x side (39.7 MP at 6300), about 0.3 MB."""
     return png_zeros(side, side, 16, 6)
 
 
@@ -278,7 +278,7 @@ def tiff(
 
 
 def tiff_duplicate_size(small: int = 300, big: int = 20000) -> bytes:
-    """Issue 14's TIFF (about 1.2 MB): 20000x20000 RGB of zeros whose first
+    """The TIFF (about 1.2 MB): 20000x20000 RGB of zeros whose first
     directory names its size twice, big first, small last."""
     return tiff(
         small,

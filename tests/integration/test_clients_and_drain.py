@@ -1,4 +1,4 @@
-"""Hostile and careless clients, and stopping without dropping them (issue 14):
+"""Hostile and careless clients, and stopping without dropping them:
 a deadline for request headers, a cap on open connections, one access-log
 line per request, and a drain on SIGTERM. A real server on 127.0.0.1."""
 

@@ -1,4 +1,4 @@
-"""Issue 14 against a real server: files crafted to make the decoder allocate
+"""Decode memory against a real server: files crafted to make the decoder allocate
 what their header does not say, alone and several at once, with the
 server's resident memory sampled meanwhile. Each is answered in the error
 envelope (4xx, or 503 decode_busy with Retry-After), the server stays up,

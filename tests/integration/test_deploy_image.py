@@ -42,7 +42,7 @@ DEFAULT_MODEL = REPO / "models" / "bottle-pwae"
 IMAGE = "localhost/inspection-server:cpu-test"
 DATASETS = Path(os.environ.get("INSPECTION_DATASETS", REPO.parent / "shared" / "datasets"))
 BOTTLE = DATASETS / "mvtec_ad" / "bottle" / "test"
-# A code-only change may add at most this much to the image (issue 16).
+# A code-only change may add at most this much to the image.
 CODE_CHANGE_MAX_BYTES = 5e6
 
 

@@ -1,4 +1,4 @@
-"""Scrapes and probes stay out of the request-facing metrics (issue 16): the
+"""Scrapes and probes stay out of the request-facing metrics: the
 in-flight gauge, the HPA's per-pod metric on Kubernetes, reads 0 at idle
 however often Prometheus scrapes and the kubelet probes, and the latency
 histogram behind the dashboard's latency panels holds only real requests;

@@ -1,4 +1,4 @@
-"""A version's integrity covers its graph and its metadata (issue 14): an edited
+"""A version's integrity covers its graph and its metadata: an edited
 metadata.json, a metadata without its digest, a version in another version's
 folder are refused; a version re-written through the writer loads; and where
 keys are configured, only versions with a valid signature load."""

@@ -1,6 +1,6 @@
 """The decoder's memory is bounded by the header: crafted files are refused
 before any pixel is decoded, accepted ones decode within the bytes their
-plan reserves, and concurrent decodes share one budget (issue 14)."""
+plan reserves, and concurrent decodes share one budget."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def no_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 REFUSED = {
-    "issue 14: TIFF naming its size twice": (hostile.tiff_duplicate_size, Reject.CORRUPT),
+    "TIFF naming its size twice": (hostile.tiff_duplicate_size, Reject.CORRUPT),
     "PNG with two IHDRs": (hostile.png_two_ihdr, Reject.CORRUPT),
     "animated PNG": (hostile.apng, Reject.UNSUPPORTED_FORMAT),
     "JPEG with two frame headers": (hostile.jpeg_two_sof, Reject.CORRUPT),
@@ -115,7 +115,7 @@ def _hwm() -> int:
 # Accepted files whose decoders hold the most for their size. Each decodes
 # in a fresh process; its peak must stay within its plan.
 ACCEPTED = {
-    "16-bit RGBA PNG (issue 14's, smaller)": lambda: hostile.png_rgba16(3000),
+    "16-bit RGBA PNG (smaller)": lambda: hostile.png_rgba16(3000),
     "16-bit RGB TIFF in one strip": lambda: hostile.tiff(3000, 3000, bps=16),
     "8-bit RGB TIFF in one strip, rotated": lambda: hostile.tiff(
         3000, 2000, override=[(274, 3, 1, 6)]

@@ -1,4 +1,4 @@
-"""Kubernetes monitoring (issue 16): the PrometheusRule and the Grafana
+"""Kubernetes monitoring: the PrometheusRule and the Grafana
 dashboard ConfigMap under k8s/monitoring/ are generated from the one source
 in docker/ (scripts/render-k8s-monitoring.py) and must not drift from it; the
 prometheus-adapter values serve the HPA's Pods metric. The CRD and Kubernetes
