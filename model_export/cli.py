@@ -401,7 +401,10 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
     # The proof: onnxruntime and torch agree on held-out defect-free images.
     hold = checkpoint_split(ckpt, "holdout")[:4]
     x = torch.stack([load_tensor(p, checkpoint_spec(ckpt)) for p in hold])
-    onnx_bytes, diff = export_proven(family.to_onnx, model, x)
+    try:
+        onnx_bytes, diff = export_proven(family.to_onnx, model, x)
+    except ExportMismatch as exc:
+        raise ExportMismatch(f"{exc}; nothing was written to {out}") from None
     eps = cal["eps"]
     metadata = ModelMetadata(
         family=family.name,

@@ -112,7 +112,7 @@ def _ot_prototypes() -> Family:
         to_onnx=ot.to_onnx,
         opset=ot.OPSET,
         describe=describe,
-        progress_total=lambda cfg, n: n * cfg.epochs * len(cfg.members),
+        progress_total=ot.progress_total,
     )
 
 

@@ -58,6 +58,7 @@ from model_export.ot_prototypes.fit import (
     extract_features,
     fit,
     fit_member,
+    progress_total,
 )
 from model_export.ot_prototypes.model import (
     MultiScaleFeatures,
@@ -71,5 +72,5 @@ __all__ = [
     "IMAGE_SIZE", "OPSET", "SCALES", "MemberConfig", "MemberFitting", "MultiScaleFeatures",
     "OTFitting", "OTPrototypesConfig", "OTPrototypesModel", "PrototypeMember", "barycentres",
     "efficientnet_lite0_blocks", "ema_update", "extract_features", "feature_cost", "fit",
-    "fit_member", "grid_positions", "spatial_cost", "to_onnx", "transport_cost",
+    "fit_member", "grid_positions", "progress_total", "spatial_cost", "to_onnx", "transport_cost",
 ]  # fmt: skip

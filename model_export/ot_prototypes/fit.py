@@ -55,6 +55,12 @@ def extract_features(
     return {s: torch.cat(c) for s, c in chunks.items()}
 
 
+def progress_total(config: OTPrototypesConfig, n: int) -> int:
+    """Images :func:`fit` reports to ``progress`` over a whole training of
+    ``n`` images: every member's pass over them in every epoch."""
+    return n * config.epochs * len(config.members)
+
+
 class MemberFitting:
     """One member's prototypes learnt on its (N, C, h, w) training features,
     on their device; the random draws come from a seeded CPU generator and
