@@ -86,7 +86,7 @@ def measure(
     total = time.perf_counter() - t0
     epochs_only = [r for r in records if r["epoch"] >= 1]
     per_epoch: dict[int, dict[str, float]] = {}
-    for r in epochs_only:  # OT: one record per member and epoch, summed per epoch
+    for r in epochs_only:  # one record per epoch (older OT runs: one per member, summed)
         e = per_epoch.setdefault(r["epoch"], {"images": 0.0, "seconds": 0.0})
         e["images"] += r["images"]
         e["seconds"] += r["seconds"]

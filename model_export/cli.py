@@ -21,9 +21,10 @@ Stages (each reads what the previous one wrote under --work; ``<stage> --help``
 says more):
 
 * ``train``: a seeded fraction of the good images is held out (never test
-  images); the family is fitted on the rest -> ``checkpoint.pt``. P-WAE also
-  keeps ``train_state.pt`` after every epoch; an interrupted run resumes from
-  it, a finished one is reused (model_export/workdir.py), and the trainer says which.
+  images); the family is fitted on the rest by the shared trainer
+  (model_export/trainer.py) -> ``checkpoint.pt``. It also keeps
+  ``train_state.pt`` after every epoch; an interrupted run resumes from it, a
+  finished one is reused (model_export/workdir.py), and the trainer says which.
 * ``calibrate``: e0..e9 on the held-out defect-free images -> eps0..eps9 for a
   target false-positive rate of the whole rule, and, from the same images
   with synthetic defects pasted in, the validation AUROC that configurations
@@ -32,9 +33,10 @@ says more):
   max_k(ek/epsk), AUROC of e0, confusion matrix of the rule, pixel AUROC, PRO
   (where there are masks) -> ``evaluation.json``, ``per_image.json``,
   ``summary.md`` and PNG plots.
-* ``export``: models/<name>/<version>/ per the contract (service.artifact;
-  given models/<name>, the next free version),
-  then onnxruntime's outputs are compared with torch's on held-out images.
+* ``export``: the graph (model_export/export.py), proven first: onnxruntime's
+  outputs against torch's on held-out images, a mismatch stopping the
+  command with a sentence and nothing written; then models/<name>/<version>/
+  per the contract (service.artifact; given models/<name>, the next free version).
 * ``run``: all four (evaluate where there is a test split).
 
 Everything a run needs is checked before any work: the flags and settings,
@@ -87,6 +89,7 @@ from model_export.device import (
     resolve_device,
 )
 from model_export.evaluation import evaluate_scores, masked_defectives, score, verdicts
+from model_export.export import ExportMismatch, export_proven
 from model_export.families import FAMILIES, get_family, load_checkpoint
 from model_export.report import write_plots, write_summary
 from model_export.sources import (
@@ -129,8 +132,6 @@ from service.recalibration import calibration_record, images_fingerprint
 from service.rejection import InputRejected
 
 DEFAULT_TARGET_FPR = 0.01
-# models/<name>-<suffix> and runs/<name>-<suffix>, as the committed models are named.
-NAME_SUFFIX = {"pwae": "pwae", "ot_prototypes": "otproto"}
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # service.contract's ModelMetadata.name
 
 
@@ -214,17 +215,12 @@ def train(
         # Each fit image also as the line camera encodes it: the model learns
         # its artefacts as normal (P-WAE's per-pixel error statistics too).
         images += [load_tensor(p, spec, augment_codec) for p in fit_paths]
-    extra: dict[str, Any] = (
-        {"checkpoint": work / TRAIN_STATE, "started": t0} if family.resumable else {}
-    )
     if family.progress_total is not None:
         total = family.progress_total(cfg, len(images))
     else:
         total = len(images) * int(getattr(cfg, "epochs", 1))
-    records: list[dict[str, Any]] = []
 
     def on_epoch(record: dict[str, Any]) -> None:
-        records.append(record)
         tqdm.write(_epoch_line(family.name, record))
 
     def on_stage(what: str) -> None:
@@ -233,15 +229,14 @@ def train(
     with tqdm(total=total, desc=family.name, unit="img", file=sys.stderr) as bar:
         model, log = family.fit(
             cfg, images, progress=bar.update, device=device, on_epoch=on_epoch,
-            on_stage=on_stage, **extra,
+            on_stage=on_stage, checkpoint=work / TRAIN_STATE, started=t0,
         )  # fmt: skip
     this_run = time.perf_counter() - t0
-    log = log if isinstance(log, dict) else {}
     # The true training time: this run's, and the earlier runs' a resumed one continues.
     before = float(log.get("seconds_before", 0.0))
     seconds = before + this_run
     # Images/s over every epoch of the model (a resumed run's earlier ones too).
-    steps = log.get("history") or [r for r in records if r["epoch"] >= 1]
+    steps = log["history"]
     images_per_s = (
         sum(r["images"] for r in steps) / sum(r["seconds"] for r in steps) if steps else None
     )
@@ -282,10 +277,9 @@ def _epoch_line(family: str, record: dict[str, Any]) -> str:
         if record["epoch"] == 0
         else f"epoch {record['epoch']}/{record['epochs']}"
     )
-    member = f" {record['member']}" if "member" in record else ""
     loss = f", loss {record['loss']:.4f}" if "loss" in record else ""
     return (
-        f"{family}{member} {what}: {record['images']} images in {record['seconds']:.1f} s, "
+        f"{family} {what}: {record['images']} images in {record['seconds']:.1f} s, "
         f"{record['images_per_s']:.2f} images/s{loss}"
     )
 
@@ -397,8 +391,9 @@ def summarise_without_test(work: Path) -> None:
 
 
 def export(work: Path, out: Path, name: str | None = None) -> float:
-    import onnxruntime as ort
-
+    """The graph, proven against torch on held-out images before anything is
+    written (model_export/export.py; ExportMismatch where it differs), then
+    the artifact ``out``; the largest onnxruntime-torch difference."""
     family, cfg, model, ckpt = _checkpoint(work)
     cal = _load(work, "calibration.json")
     ev = _load(work, "evaluation.json") if (work / "evaluation.json").is_file() else None
@@ -406,7 +401,13 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
     fit_paths = checkpoint_split(ckpt, "fit")
     manifest_path = data / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    onnx_bytes = family.to_onnx(model)
+    # The proof: onnxruntime and torch agree on held-out defect-free images.
+    hold = checkpoint_split(ckpt, "holdout")[:4]
+    x = torch.stack([load_tensor(p, checkpoint_spec(ckpt)) for p in hold])
+    try:
+        onnx_bytes, diff = export_proven(family.to_onnx, model, x)
+    except ExportMismatch as exc:
+        raise ExportMismatch(f"{exc}; nothing was written to {out}") from None
     eps = cal["eps"]
     metadata = ModelMetadata(
         family=family.name,
@@ -454,14 +455,6 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
         # The offline verdict of every test image, for checking a deployment
         # against (the server's integration test does).
         (out / "evaluation.json").write_text((work / "per_image.json").read_text())
-    # The proof: onnxruntime and torch agree on held-out defect-free images.
-    hold = checkpoint_split(ckpt, "holdout")[:4]
-    x = torch.stack([load_tensor(p, metadata.input) for p in hold])
-    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"image": x.numpy()})
-    with torch.no_grad():
-        want = model(x)
-    diff = max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want, strict=True))
     print(
         f"wrote {out} ({len(onnx_bytes) / 1e6:.1f} MB); onnxruntime vs torch max |diff| {diff:.2e}"
     )
@@ -519,7 +512,7 @@ Examples:
         "fit the family on the good images less a held-out fraction -> checkpoint.pt",
         "Fit the family on the good images (--good DIR or --data CATEGORY) less a seeded "
         "--holdout fraction -> <work>/checkpoint.pt. A finished training of the same "
-        "images and settings in <work> is reused, an interrupted one resumed (P-WAE), "
+        "images and settings in <work> is reused, an interrupted one resumed, "
         "another refused unless --force.",
     ),
     "calibrate": (
@@ -598,8 +591,7 @@ def _common() -> argparse.ArgumentParser:
         "--family",
         default="pwae",
         choices=sorted(FAMILIES),
-        help="pwae (patch-wise Wasserstein autoencoder) or ot_prototypes (prototypes by "
-        "optimal transport)",
+        help=", ".join(f"{name} ({entry.summary})" for name, entry in FAMILIES.items()),
     )
     training.add_argument(
         "--preset", help="a named config of the family to start from, e.g. pwae's 'paper'"
@@ -746,7 +738,7 @@ def _resolve(args: argparse.Namespace) -> Job:
     name = args.name
     if name is None and source is not None:  # made fit for a directory name
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", source.category).strip("-.") or "model"
-    suffix = NAME_SUFFIX.get(args.family, args.family)
+    suffix = FAMILIES[family.name].suffix
     work = args.work
     if work is None:
         if name is None:
@@ -821,7 +813,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         job = _resolve(args)
         _run(args, job, device)
-    except (DataError, ConfigError, WorkDirConflict, InputRejected) as exc:
+    except (DataError, ConfigError, WorkDirConflict, InputRejected, ExportMismatch) as exc:
         _fail(stage, str(exc))
 
 

@@ -8,8 +8,9 @@ stays exactly as it was: same operations, same seeds, same numbers.
 
 Every random draw of both families comes from a seeded CPU generator and is
 moved to the device afterwards, so a seed picks the same batches,
-permutations, priors and projections on either device, and P-WAE's resumable
-state can move between them. ONNX export always runs on the CPU.
+permutations, priors and projections on either device, and the trainer's
+resumable state (model_export/trainer.py) can move between them. ONNX export
+always runs on the CPU.
 """
 
 from __future__ import annotations

@@ -1,23 +1,38 @@
-"""The model families the pipeline knows, behind one interface.
+"""The model families the pipeline knows, behind one interface: the one
+registry of them.
 
-A family is a torch module whose ``forward(image (N, 3, 300, 300))`` returns
-``(image_error (N), tile_errors (N, 9), anomaly_map (N, 300, 300))``, a typed
-config with ``to_dict``/``from_dict``, a ``fit`` on defect-free images and an
-ONNX export. Calibration, evaluation and export (model_export/cli.py) work on
-that interface only, so a new family is one entry here.
+A family is a package of four modules, as anomalib shapes one
+(model_export/pwae/, model_export/ot_prototypes/): its config (pydantic, with
+``to_dict``/``from_dict``), its torch module, whose ``forward(image (N, 3,
+300, 300))`` returns ``(image_error (N), tile_errors (N, 9), anomaly_map (N,
+300, 300))``, its loss, and its fitting, which the shared trainer runs
+(model_export/trainer.py: epochs, progress, checkpoint and resume, seeding,
+device); its graph comes from the shared exporter (model_export/export.py).
+Calibration, evaluation and export (model_export/cli.py) work on that
+interface only, so a new family is one entry here.
+
+The names: the server checks an artifact's ``family`` against
+service.contract.ModelFamily, and the server must not import torch (or this
+package), so the names are written once there, in the torch-free contract,
+and this registry is keyed by them: :data:`FAMILIES` holds exactly
+``get_args(ModelFamily)`` (checked on import and by
+tests/unit/test_family_registry.py), and the trainer's ``--family`` choices,
+its help and the default folder names all come from it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import nn
 
 from service.contract import ModelFamily
+
+FAMILY_NAMES: tuple[str, ...] = get_args(ModelFamily)
 
 
 @dataclass(frozen=True)
@@ -25,13 +40,14 @@ class Family:
     name: ModelFamily
     config_from_dict: Callable[[dict[str, Any]], Any]
     build: Callable[[Any], nn.Module]
-    # fit(config, images, progress=..., device=..., on_epoch=..., checkpoint=...)
-    # -> (model on that device, log); on_epoch gets each epoch's images/s.
-    fit: Callable[..., tuple[nn.Module, Any]]
+    # fit(config, images, progress=..., checkpoint=..., device=..., on_epoch=...,
+    # on_stage=..., started=...) -> (model on that device, log): the shared
+    # trainer (model_export/trainer.py) running the family's fitting.
+    fit: Callable[..., tuple[nn.Module, dict[str, Any]]]
+    # The contract graph, by the shared exporter (model_export/export.py).
     to_onnx: Callable[[Any], bytes]
     opset: int
     describe: Callable[[Any], dict[str, str | int | float | bool]]
-    resumable: bool  # fit takes a checkpoint path and resumes from it
     # Named configurations (``--preset``), e.g. the paper's own recipe.
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     # progress_total(config, images): how many images fit() reports to its
@@ -68,7 +84,6 @@ def _pwae() -> Family:
         to_onnx=pwae.to_onnx,
         opset=pwae.OPSET,
         describe=describe,
-        resumable=True,
         presets={"paper": pwae.PAPER.to_dict(), "feature_error": pwae.FEATURE_ERROR.to_dict()},
         progress_total=pwae.progress_total,
         backbone=lambda cfg: (cfg.backbone, cfg.backbone_weights),
@@ -77,16 +92,6 @@ def _pwae() -> Family:
 
 def _ot_prototypes() -> Family:
     from model_export import ot_prototypes as ot
-
-    def fit(
-        config: Any,
-        images: Sequence[torch.Tensor],
-        progress: Any = None,
-        device: torch.device | str = "cpu",
-        on_epoch: Any = None,
-        **_: Any,
-    ) -> Any:
-        return ot.fit(config, images, progress=progress, device=device, on_epoch=on_epoch)
 
     def describe(cfg: Any) -> dict[str, str | int | float | bool]:
         return {
@@ -103,21 +108,39 @@ def _ot_prototypes() -> Family:
         name="ot_prototypes",
         config_from_dict=ot.OTPrototypesConfig.from_dict,
         build=ot.OTPrototypesModel,
-        fit=fit,
+        fit=ot.fit,
         to_onnx=ot.to_onnx,
         opset=ot.OPSET,
         describe=describe,
-        resumable=False,
-        progress_total=lambda cfg, n: n * cfg.epochs * len(cfg.members),
+        progress_total=ot.progress_total,
     )
 
 
-FAMILIES: dict[str, Callable[[], Family]] = {"pwae": _pwae, "ot_prototypes": _ot_prototypes}
+@dataclass(frozen=True)
+class Entry:
+    """A family as the registry names it, without importing its modules."""
+
+    summary: str  # what --family's help says of it
+    # The suffix of its default folders, runs/<name>-<suffix> and
+    # models/<name>-<suffix>, as the committed models are named.
+    suffix: str
+    load: Callable[[], Family]  # its modules imported, on first use
+
+
+FAMILIES: dict[str, Entry] = {
+    "pwae": Entry("patch-wise Wasserstein autoencoder", "pwae", _pwae),
+    "ot_prototypes": Entry("prototypes by optimal transport", "otproto", _ot_prototypes),
+}
+if tuple(FAMILIES) != FAMILY_NAMES:  # the contract's names, in its order
+    raise ImportError(
+        f"model_export.families registers {tuple(FAMILIES)} but service.contract.ModelFamily "
+        f"names {FAMILY_NAMES}: add or remove the family in both"
+    )
 
 
 def get_family(name: str) -> Family:
     try:
-        return FAMILIES[name]()
+        return FAMILIES[name].load()
     except KeyError:
         raise ValueError(f"unknown family {name!r}; choose from {sorted(FAMILIES)}") from None
 

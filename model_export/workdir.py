@@ -3,7 +3,8 @@
 * ``checkpoint.pt`` of the same training (family, settings, images, split,
   codec, colour): it is reused, and the trainer says so; nothing is trained
   and the training time it recorded stays the true one.
-* ``train_state.pt`` of the same training, left by an interrupted P-WAE run:
+* ``train_state.pt`` of the same training, left by an interrupted run of
+  either family (the shared trainer, model_export/trainer.py, writes it):
   training resumes at its epoch, and the trainer says so; the training time
   recorded is that of the earlier runs plus this one.
 * anything of another training: the trainer stops and says what differs;
@@ -78,6 +79,9 @@ def identity(
 def recorded_identity(ckpt: dict[str, Any]) -> dict[str, Any]:
     """The identity fields of a checkpoint (older ones: the good folder derived)."""
     out = {k: ckpt.get(k) for k in IDENTITY}
+    # As JSON: OT checkpoints from before its pydantic config held the
+    # members as a tuple of dicts, which to_dict now writes as a list.
+    out["config"] = json.loads(json.dumps(out["config"]))
     out["good"] = str(checkpoint_good_root(ckpt).resolve())
     return out
 

@@ -40,6 +40,10 @@ OUTPUT_TILE_ERRORS = "tile_errors"
 OUTPUT_ANOMALY_MAP = "anomaly_map"
 OUTPUT_NAMES: tuple[str, str, str] = (OUTPUT_IMAGE_ERROR, OUTPUT_TILE_ERRORS, OUTPUT_ANOMALY_MAP)
 
+# The model families, named once: here, because the server checks an
+# artifact's family and must not import torch; the trainer's family registry
+# (model_export/families.py) is keyed by these names and refuses to import
+# where the two differ (tests/unit/test_family_registry.py).
 ModelFamily = Literal["pwae", "ot_prototypes"]
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]

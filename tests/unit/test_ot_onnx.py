@@ -25,7 +25,7 @@ def fitted() -> tuple[torch.nn.Module, bytes]:
         sinkhorn_iterations=10,
     )
     model, log = fit(config, images)
-    assert max(log.marginal_errors) < 1e-2
+    assert max(log["marginal_errors"]) < 1e-2
     return model, to_onnx(model)
 
 

@@ -112,3 +112,28 @@ def test_config_round_trip_and_validation() -> None:
         MemberConfig("s4", 0.0)
     with pytest.raises(ValueError, match="ema"):
         OTPrototypesConfig(ema=1.0)
+
+
+def test_the_config_reads_what_the_earlier_dataclass_config_wrote() -> None:
+    # dataclasses.asdict of the earlier OTPrototypesConfig: members a tuple of dicts.
+    written = {
+        "members": (
+            {"scale": "s8", "alpha": 0.0, "prototypes_per_position": 4},
+            {"scale": "s16", "alpha": 0.5, "prototypes_per_position": 16},
+        ),
+        "epsilon": 0.05,
+        "sinkhorn_iterations": 30,
+        "ema": 0.95,
+        "epochs": 1,
+        "images_per_batch": 4,
+        "prototypes_per_problem": 512,
+        "smoothing_sigma": 4.0,
+        "seed": 0,
+    }
+    cfg = OTPrototypesConfig.from_dict(written)
+    assert cfg.members == (MemberConfig("s8", 0.0, 4), MemberConfig("s16", 0.5, 16))
+    assert cfg.to_dict() == {**written, "members": list(written["members"])}  # type: ignore[call-overload]
+    # No members: the default ensemble, as the earlier from_dict gave.
+    assert OTPrototypesConfig.from_dict({"members": ()}) == OTPrototypesConfig()
+    with pytest.raises(ValueError, match="unknown"):
+        OTPrototypesConfig.from_dict({**written, "unknown": 1})

@@ -1,0 +1,146 @@
+"""P-WAE's fitting, run by the shared trainer (model_export/trainer.py): the
+frozen encoder's features once, SGD steps on the three losses under the
+paper's learning-rate schedule, then the per-pixel error statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_export import trainer
+from model_export.pwae.config import GRID, TILE, PWAEConfig
+from model_export.pwae.loss import losses
+from model_export.pwae.model import PWAE
+
+
+def lr_at(cfg: PWAEConfig, progress: float) -> float:
+    return cfg.lr / (1 + 10 * progress) ** 0.75
+
+
+def images_per_epoch(config: PWAEConfig, n: int) -> int:
+    """Images one epoch's steps see: whole batches only (the last, partial
+    one is dropped), or all ``n`` where they are fewer than a batch."""
+    return min(n, max(1, n // config.batch_size) * config.batch_size)
+
+
+def progress_total(config: PWAEConfig, n: int) -> int:
+    """Images :func:`fit` reports to ``progress`` over a whole training of
+    ``n`` images: the frozen encoder's feature pass, every epoch's steps, and
+    the pass that fits the per-pixel error statistics, so a bar ends at 100%."""
+    features = n if config.freeze_encoder else 0
+    statistics = n if config.error_normalisation == "zscore" else 0
+    return features + config.epochs * images_per_epoch(config, n) + statistics
+
+
+class PWAEFitting:
+    """P-WAE's part of the shared trainer's loop (model_export.trainer.Fitting)."""
+
+    def __init__(
+        self, config: PWAEConfig, images: Sequence[torch.Tensor], device: torch.device
+    ) -> None:
+        self.config = config
+        self.device = device
+        # Built on the CPU under the trainer's seed: the same initial weights everywhere.
+        self.model = PWAE(config).to(device)
+        self.x_all = torch.stack(list(images)).to(device)
+        self.feats_all: torch.Tensor | None = None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
+        # Every random draw of the epochs: batches, permutations, priors, projections.
+        self.gen = torch.Generator().manual_seed(config.seed)
+        self.steps_per_epoch = max(1, len(self.x_all) // config.batch_size)
+
+    def prepare(self, progress: trainer.Progress) -> int | None:
+        """The frozen encoder's features of every tile, computed once (its
+        features do not change); a fine-tuned encoder has no such pass."""
+        if not self.config.freeze_encoder:
+            return None
+        model, x_all = self.model, self.x_all
+        with torch.no_grad():
+            tiles = model.tiles(x_all)
+            chunks = []
+            for t in tiles.split(16):
+                chunks.append(model.encoder(t.reshape(-1, 3, TILE, TILE)))
+                if progress is not None:
+                    progress(len(t))
+            self.feats_all = torch.cat(chunks).reshape(
+                len(x_all), GRID * GRID, model.encoder.channels, model.cells, model.cells
+            )
+        return len(x_all)
+
+    def images_per_epoch(self) -> int:
+        return images_per_epoch(self.config, len(self.x_all))
+
+    def epoch(self, epoch: int, progress: trainer.Progress) -> dict[str, float]:
+        """One pass of SGD steps over a seeded shuffle of the images, the
+        last partial batch dropped; the mean of each loss over the steps."""
+        config, model, opt, gen = self.config, self.model, self.opt, self.gen
+        model.train()
+        steps = self.steps_per_epoch
+        total_steps = steps * config.epochs
+        order = torch.randperm(len(self.x_all), generator=gen)
+        sums = {"total": 0.0, "ae": 0.0, "perceptual": 0.0, "swd": 0.0, "jigsaw": 0.0}
+        for s in range(steps):
+            idx = order[s * config.batch_size : (s + 1) * config.batch_size].to(self.device)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(config, (epoch * steps + s) / total_steps)
+            perm_idx = torch.randint(config.permutations, (len(idx),), generator=gen)
+            feats = None if self.feats_all is None else self.feats_all[idx]
+            parts = losses(model, self.x_all[idx], feats, perm_idx, gen)
+            opt.zero_grad(set_to_none=True)
+            parts["total"].backward()
+            opt.step()
+            for key, value in parts.items():
+                sums[key] += value.item() / steps
+            if progress is not None:
+                progress(len(idx))
+        return sums
+
+    def state(self) -> dict[str, Any]:
+        return {"optimizer": self.opt.state_dict(), "generator": self.gen.get_state()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["generator"])
+
+    def finish(self, progress: trainer.Progress, on_stage: Callable[[str], object] | None) -> None:
+        """Eval mode, and the per-pixel error statistics where the errors are z-scores."""
+        self.model.eval()
+        if self.config.error_normalisation == "zscore":
+            if on_stage is not None:
+                on_stage(
+                    f"fitting per-pixel error statistics on the {len(self.x_all)} images "
+                    "(once, after the epochs)"
+                )
+            self.model.fit_error_statistics(self.x_all, progress=progress)
+
+    def log(self) -> dict[str, Any]:
+        return {}
+
+
+def fit(
+    config: PWAEConfig,
+    images: Sequence[torch.Tensor],
+    progress: Callable[[int], object] | None = None,
+    checkpoint: Path | None = None,
+    stop_after_epoch: int | None = None,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[dict[str, Any]], object] | None = None,
+    on_stage: Callable[[str], object] | None = None,
+    started: float | None = None,
+) -> tuple[PWAE, dict[str, Any]]:
+    """Train on defect-free images with the shared trainer (model_export/trainer.py:
+    seeding, device, progress, epoch records, checkpoint and resume);
+    deterministic under ``config.seed`` on the CPU. ``progress`` is told
+    :func:`progress_total` images in all; the log has each epoch's losses
+    (``history``) and ``seconds_before``."""
+    model, log = trainer.train(
+        PWAEFitting, config, images, progress=progress, checkpoint=checkpoint,
+        stop_after_epoch=stop_after_epoch, device=device, on_epoch=on_epoch,
+        on_stage=on_stage, started=started,
+    )  # fmt: skip
+    assert isinstance(model, PWAE)
+    return model, log

@@ -1,0 +1,201 @@
+"""The P-WAE module: tiles, Siamese encoder, latent maps, jigsaw head, decoder,
+and the error maps computed inside the exported graph."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_export.backbones import Encoder, build_encoder
+from model_export.blur import gaussian_kernel, separable_blur
+from model_export.export import to_onnx as export_onnx
+from model_export.pwae.config import GRID, IMAGE_SIZE, OPSET, TILE, PWAEConfig
+from service import tiler
+
+
+def permutation_set(
+    count: int, seed: int, n: int = GRID * GRID, candidates: int = 40_000
+) -> np.ndarray:
+    """``count`` permutations of ``n`` with large pairwise Hamming distance.
+
+    Greedy max-min selection (Noroozi & Favaro's "maximal" set): each step
+    adds the candidate farthest, in Hamming distance, from those already
+    chosen. The candidates are a seeded sample of ``candidates`` of the n!
+    permutations rather than all 362,880: the selected set's distances are the
+    same in practice at a tenth of the time (the default 1000 differ pairwise
+    in 8.0 of 9 positions on average, at least 5; tests/unit/test_pwae.py).
+    Row 0 is the identity, the order used at test time.
+    """
+    rng = np.random.default_rng(seed)
+    perms = np.array(list(itertools.permutations(range(n))), dtype=np.int8)
+    if count > len(perms):
+        raise ValueError(f"only {len(perms)} permutations of {n} exist, asked for {count}")
+    identity = np.arange(n, dtype=np.int8)[None]
+    sample = perms[rng.permutation(len(perms))[:candidates]]
+    perms = np.concatenate([identity, sample[(sample != identity).any(1)]])
+    chosen = [0]
+    min_dist = (perms != perms[chosen[0]]).sum(1)
+    for _ in range(count - 1):
+        nxt = int(np.argmax(min_dist))
+        chosen.append(nxt)
+        np.minimum(min_dist, (perms != perms[nxt]).sum(1), out=min_dist)
+    return perms[chosen].astype(np.int64)
+
+
+def latent_cells(stride: int) -> int:
+    """The side of a tile's latent map: 7 at the encoder's stride 16, 13 at 8."""
+    return math.ceil(TILE / stride)
+
+
+def _up_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Upsample(scale_factor=2, mode="nearest"),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class PWAE(nn.Module):
+    """forward(image) -> (image_error (N), tile_errors (N, 9), anomaly_map (N, 300, 300))."""
+
+    # Buffers of error_normalisation="zscore": per-pixel statistics of the
+    # training images' raw error maps, (300, 300) each.
+    error_mean: torch.Tensor
+    error_std: torch.Tensor
+
+    def __init__(self, config: PWAEConfig, encoder: Encoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = encoder or build_encoder(
+            config.backbone, TILE, stride=config.encoder_stride, weights=config.backbone_weights
+        )
+        if config.freeze_encoder:
+            self.encoder.eval()
+            for p in self.encoder.parameters():
+                p.requires_grad_(False)
+        c = config.latent_channels
+        self.to_latent = nn.Sequential(
+            nn.Conv2d(self.encoder.channels, c, 1), nn.BatchNorm2d(c, affine=config.latent_affine)
+        )
+        self.cells = latent_cells(self.encoder.stride)
+        self.jigsaw = nn.Linear(GRID * GRID * c, config.permutations)
+        chans = (c, *config.decoder_channels)
+        self.decoder = nn.Sequential(
+            *(_up_block(a, b) for a, b in itertools.pairwise(chans)),
+            nn.Conv2d(chans[-1], 3, 3, padding=1),
+        )
+        perms = permutation_set(config.permutations, config.permutation_seed)
+        self.register_buffer("perms", torch.from_numpy(perms), persistent=True)
+        # The feature space of the error, where one is used: frozen, ImageNet's statistics kept.
+        self.perceptual: Encoder | None = None
+        if config.error_space == "feature" or config.w_perceptual > 0:
+            self.perceptual = build_encoder("efficientnet_lite0", IMAGE_SIZE, stride=8)
+            self.perceptual.eval()
+            for p in self.perceptual.parameters():
+                p.requires_grad_(False)
+        kernel = gaussian_kernel(config.error_sigma) if config.error_sigma > 0 else torch.ones(1)
+        self.register_buffer("kernel", kernel, persistent=False)
+        if config.error_normalisation == "zscore":
+            # Set by fit() from the training images; saved with the weights.
+            self.register_buffer("error_mean", torch.zeros(IMAGE_SIZE, IMAGE_SIZE))
+            self.register_buffer("error_std", torch.ones(IMAGE_SIZE, IMAGE_SIZE))
+
+    def train(self, mode: bool = True) -> PWAE:
+        super().train(mode)
+        if self.config.freeze_encoder:
+            self.encoder.eval()  # frozen BN statistics stay ImageNet's
+        if self.perceptual is not None:
+            self.perceptual.eval()
+        return self
+
+    # (N, 3, 300, 300) -> (N, 9, 3, 100, 100), tiles row-major
+    def tiles(self, image: torch.Tensor) -> torch.Tensor:
+        return tiler.to_tiles(image, GRID, GRID).permute(0, 2, 1, 3, 4)
+
+    def encode(self, tiles: torch.Tensor) -> torch.Tensor:
+        """(N, 9, 3, 100, 100) -> latent maps (N, 9, c, 7, 7); the encoder is shared (Siamese)."""
+        n = tiles.shape[0]
+        feats = self.encoder(tiles.reshape(n * GRID * GRID, 3, TILE, TILE))
+        return self.latent(feats.reshape(n, GRID * GRID, *feats.shape[1:]))
+
+    def latent(self, feats: torch.Tensor) -> torch.Tensor:
+        """Encoder features (N, 9, C, 7, 7) -> latent maps (N, 9, c, 7, 7)."""
+        n = feats.shape[0]
+        z = self.to_latent(feats.reshape(n * GRID * GRID, *feats.shape[2:]))
+        return z.reshape(n, GRID * GRID, *z.shape[1:])
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent maps in true grid order (N, 9, c, h, w) -> image (N, 3, 300, 300)."""
+        # (N, 9, c, h, w) -> (N, c, 9, h, w) -> (N, c, 3h, 3w): the tiler's inverse.
+        grid = tiler.from_tiles(z.permute(0, 2, 1, 3, 4), GRID, GRID)
+        out = self.decoder(grid)
+        return F.interpolate(
+            out, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
+        )
+
+    def feature_error(self, image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """Squared feature difference, mean over channels, at image size: (N, 1, 300, 300)."""
+        assert self.perceptual is not None, (
+            "built only with error_space='feature' or w_perceptual > 0"
+        )
+        err = ((self.perceptual(image) - self.perceptual(recon)) ** 2).mean(1, keepdim=True)
+        return F.interpolate(err, size=image.shape[-2:], mode="bilinear", align_corners=False)
+
+    def error_map(self, image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """The anomaly map (N, 300, 300): the raw error map, normalised as configured."""
+        err = self.raw_error_map(image, recon)
+        if self.config.error_normalisation == "zscore":
+            err = F.relu((err - self.error_mean) / self.error_std)
+        return err
+
+    @torch.no_grad()
+    def fit_error_statistics(
+        self,
+        images: torch.Tensor,
+        batch: int = 16,
+        progress: Callable[[int], object] | None = None,
+    ) -> None:
+        """Per-pixel mean and floored std of the raw error map over ``images``
+        (``progress`` is told each batch's images)."""
+        parts = []
+        for x in images.split(batch):
+            parts.append(self.raw_error_map(x, self.reconstruct(x)))
+            if progress is not None:
+                progress(len(x))
+        maps = torch.cat(parts)
+        std = maps.std(0)
+        self.error_mean.copy_(maps.mean(0))
+        self.error_std.copy_(std.clamp_min(self.config.error_std_floor * float(std.mean())))
+
+    def raw_error_map(self, image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """Per-pixel squared error, mean over channels, Gaussian-smoothed: (N, 300, 300)."""
+        if self.config.error_space == "feature":
+            err = self.feature_error(image, recon)
+        else:
+            err = ((image - recon) ** 2).mean(1, keepdim=True)
+        if self.config.error_sigma > 0:
+            err = separable_blur(err, self.kernel, "reflect")  # type: ignore[arg-type]
+        return err[:, 0]
+
+    def reconstruct(self, image: torch.Tensor) -> torch.Tensor:
+        """Image (N, 3, 300, 300) -> its reconstruction, tiles in their true order."""
+        return self.decode(self.encode(self.tiles(image)))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        recon = self.reconstruct(image)
+        amap = self.error_map(image, recon)
+        reduce = tiler.tile_means if self.config.tile_error == "mean" else tiler.tile_maxima
+        return amap.mean((1, 2)), reduce(amap, GRID, GRID), amap
+
+
+def to_onnx(model: PWAE) -> bytes:
+    """The contract graph (model_export/export.py), exported on the CPU
+    whatever device the model was trained on (it is moved there)."""
+    return export_onnx(model, OPSET, (IMAGE_SIZE, IMAGE_SIZE))
