@@ -23,9 +23,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from service.contract import PretrainedCfg
+from service.contract import Normalization, PretrainedCfg
 
 BackboneName = Literal["efficientnet_lite0", "resnet50"]
+# How a family normalises the backbone's input: as the backbone was trained
+# ("backbone", its PRETRAINED_CFG) or with ImageNet's mean and std
+# ("imagenet"). Each family's default is chosen on validation figures.
+InputNormalisation = Literal["backbone", "imagenet"]
 
 # Each backbone's own input (timm's pretrained_cfg). EfficientNet-Lite0 is a
 # port of TensorFlow's, whose ImageNet pipeline feeds (x - 127) / 128 on 8-bit
@@ -33,6 +37,8 @@ BackboneName = Literal["efficientnet_lite0", "resnet50"]
 # instead, its stem BatchNorm sees about 2.7x the variance its running
 # statistics describe on MVTec AD bottles, 0.48x fed its own
 # (tests/unit/test_backbones.py measures both).
+IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+
 PRETRAINED_CFG: dict[str, PretrainedCfg] = {
     "efficientnet_lite0": PretrainedCfg(
         name="efficientnet_lite0",
@@ -48,12 +54,21 @@ PRETRAINED_CFG: dict[str, PretrainedCfg] = {
         name="resnet50",
         weights="ImageNet, torchvision's state dict (a file the user supplies)",
         licence="BSD-3-Clause (torchvision)",
-        mean=(0.485, 0.456, 0.406),
-        std=(0.229, 0.224, 0.225),
+        mean=IMAGENET.mean,
+        std=IMAGENET.std,
         interpolation="bilinear",
         input_size=(3, 224, 224),
     ),
 }
+
+
+def input_normalization(name: str, choice: str) -> Normalization:
+    """The input normalisation a family trains with (see InputNormalisation)."""
+    if choice == "backbone":
+        return pretrained_cfg(name).normalization()
+    if choice == "imagenet":
+        return IMAGENET
+    raise ValueError(f"input_normalisation must be 'backbone' or 'imagenet', got {choice!r}")
 
 
 def pretrained_cfg(name: str) -> PretrainedCfg:
@@ -193,9 +208,7 @@ def resnet50(weights: Path | str, stride: int = 16) -> Encoder:
 def weights_source(name: str, weights: Path | str | None = None) -> str:
     """Which pretrained weights an encoder loads, as the trainer's log says it once."""
     cfg = pretrained_cfg(name)
-    where = f"ImageNet weights from {weights}" if name == "resnet50" else cfg.weights
-    mean, std = (tuple(round(v, 4) for v in t) for t in (cfg.mean, cfg.std))
-    return f"{name}, {where}; input normalised with mean {mean}, std {std}"
+    return f"{name}, " + (f"ImageNet weights from {weights}" if name == "resnet50" else cfg.weights)
 
 
 def build_encoder(

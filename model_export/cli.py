@@ -70,7 +70,7 @@ import numpy as np
 import torch
 
 from model_export import predict
-from model_export.backbones import pretrained_cfg, weights_source
+from model_export.backbones import input_normalization, pretrained_cfg, weights_source
 from model_export.config_args import ConfigError, build_config
 from model_export.data import (
     checkpoint_spec,
@@ -191,8 +191,10 @@ def train(
         paths = good_images(source)
         checked = paths, _spec(check_images(paths))
     paths, spec = checked
-    backbone = pretrained_cfg(family.backbone(cfg)[0])
-    spec = spec.model_copy(update={"normalization": backbone.normalization()})
+    backbone_name, weights = family.backbone(cfg)
+    backbone = pretrained_cfg(backbone_name)
+    norm = input_normalization(backbone_name, cfg.input_normalisation)
+    spec = spec.model_copy(update={"normalization": norm})
     fit_paths, hold = split_paths(paths, holdout, seed, str(source.good))
     codec_name = None if augment_codec is None else str(augment_codec)
     wanted = identity(
@@ -205,7 +207,12 @@ def train(
         return
     device_name = describe_device(device)
     print(f"training {family.name} on {device_name} (torch {torch.__version__})")
-    print(f"encoder: {weights_source(*family.backbone(cfg))}")
+    print(f"encoder: {weights_source(backbone_name, weights)}")
+    mean, std = (tuple(round(v, 4) for v in t) for t in (norm.mean, norm.std))
+    print(
+        f"input: normalised with mean {mean}, std {std} "
+        f"(input_normalisation={cfg.input_normalisation})"
+    )
     if plan.message is not None:
         print(plan.message)
     write_training(work, wanted)

@@ -29,6 +29,8 @@ CastLike nodes it could not fold.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -44,6 +46,8 @@ from service.contract import INPUT_NAME, OUTPUT_NAMES
 ATOL = 1e-4
 RTOL = 1e-3
 
+_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+
 
 class ExportMismatch(RuntimeError):
     """The exported graph's outputs differ from the torch model's; the message says which."""
@@ -57,19 +61,33 @@ def to_onnx(
     """``model`` (moved to the CPU and put in eval mode) as a contract graph."""
     model.cpu().eval()
     example = torch.zeros(1, 3, *image_size)
-    program = torch.onnx.export(
-        model,
-        (example,),
-        dynamo=True,
-        input_names=[INPUT_NAME],
-        output_names=list(OUTPUT_NAMES),
-        opset_version=opset,
-        dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("N", min=1)}},
-        optimize=True,
-        verbose=False,
-    )
+    # The exporter logs a warning for each torchvision op it cannot register
+    # when torchvision is absent (it is, on the CPU torch build); no graph
+    # here uses them, so those lines would only alarm the user.
+    logging.getLogger(_REGISTRATION_LOGGER).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        # torch.export's own code calls an API torch deprecates (LeafSpec);
+        # nothing the user can act on, and the next torch release drops it.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            opset_version=opset,
+            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("N", min=1)}},
+            optimize=True,
+            verbose=False,
+        )
     assert program is not None  # dynamo=True always returns the program
-    return bytes(program.model_proto.SerializeToString())
+    proto = program.model_proto
+    written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        # The exporter writes opset 18 at least and converts down only where
+        # onnx has adapters for every op; the metadata must say what the graph is.
+        raise ExportMismatch(f"asked for ONNX opset {opset}, the exporter wrote {written}")
+    return bytes(proto.SerializeToString())
 
 
 def prove(model: nn.Module, onnx_bytes: bytes, images: torch.Tensor) -> float:

@@ -30,6 +30,7 @@ from typing import Any, get_args
 import torch
 from torch import nn
 
+from model_export.backbones import IMAGENET
 from service.contract import ModelFamily
 
 FAMILY_NAMES: tuple[str, ...] = get_args(ModelFamily)
@@ -64,6 +65,7 @@ def _pwae() -> Family:
         cells = pwae.latent_cells(cfg.encoder_stride)
         return {
             "backbone": cfg.backbone,
+            "input_normalisation": cfg.input_normalisation,
             "encoder": "frozen" if cfg.freeze_encoder else "fine-tuned",
             "latent": f"{cfg.latent_channels} x {cells} x {cells} per tile",
             "latent_norm": "batch norm, affine" if cfg.latent_affine else "batch norm",
@@ -96,6 +98,7 @@ def _ot_prototypes() -> Family:
     def describe(cfg: Any) -> dict[str, str | int | float | bool]:
         return {
             "backbone": "efficientnet_lite0 (frozen, ImageNet)",
+            "input_normalisation": cfg.input_normalisation,
             "members": ", ".join(
                 f"{m.scale}/alpha={m.alpha}/k={m.prototypes_per_position}" for m in cfg.members
             ),
@@ -152,7 +155,13 @@ def load_checkpoint(
     from a trained checkpoint."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     family = get_family(ckpt["family"])
-    config = family.config_from_dict(ckpt["config"])
+    raw = dict(ckpt["config"])
+    if "input_normalisation" not in raw:
+        # A checkpoint from before it was a setting: what its recorded input says.
+        recorded = ckpt.get("input", {}).get("normalization")
+        imagenet = recorded is None or recorded == IMAGENET.model_dump(mode="json")
+        raw["input_normalisation"] = "imagenet" if imagenet else "backbone"
+    config = family.config_from_dict(raw)
     model = family.build(config)
     model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()

@@ -1,7 +1,7 @@
 """Side-by-side report of exported model versions: quality, speed, size.
 
-    python -m model_export.ot_compare models/bottle-otproto/1 runs/mt-otproto/1 \\
-        models/bottle/1 ... --out docs/model-comparison.md
+    python -m model_export.ot_compare models/bottle-pwae/5 models/bottle-otproto/3 \\
+        runs/export/mt-otproto/1 ... --out docs/model-comparison.md
 
 Quality figures come from each artifact's metadata (``evaluation.metrics``,
 computed on the category's test split by the family's evaluate stage); the
@@ -59,18 +59,18 @@ HOW = """
   "calibrated for" is the codec the calibration and the test images were
   passed through.
 * OT prototypes (`python -m model_export run --family ot_prototypes --data
-  <category> --work runs/<name> --export <artifact>`): frozen EfficientNet-Lite0, ensemble of
-  four (scale, alpha) members, stride 8 and 16, alpha 0 and 0.5; default
-  config, the same for both categories.
+  <category> --work runs/<name> --export <artifact>`): frozen EfficientNet-Lite0
+  fed its own input normalisation (`model_export/backbones.py`), ensemble of
+  four (scale, alpha) members, stride 8 and 16, alpha 0 and 0.5; the default
+  config, the same for both categories; docs/ot-prototypes.md says where it
+  departs from the authors' code.
 * P-WAE (`python -m model_export run --family pwae --data <category> --work
   runs/<name> --export <artifact>`): the default recipe, chosen on held-out
-  images with synthetic defects (`models/bottle-pwae/3`; 8 epochs on the
-  magnetic tiles), the first default with a latent of 8 channels
-  (`models/bottle-pwae/2`, `--set latent_channels=8`) and the paper's own
-  recipe, `--preset paper` (`models/bottle-pwae/1`);
-  docs/pwae-experiments.md has all three.
-* Artifacts under `models/` are committed; those under `runs/` are local run
-  outputs (gitignored) that the commands above make again.
+  images with synthetic defects (docs/pwae-experiments.md); 8 epochs on the
+  magnetic tiles (`--set epochs=8`).
+* `models/` holds only the default versions the server ships; the others are
+  local run outputs under `runs/` (gitignored) that the commands above make
+  again.
 """
 
 

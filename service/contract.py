@@ -74,12 +74,14 @@ class PretrainedCfg(_Frozen):
     it: the normalisation, interpolation and input size its weights were
     trained with, where the weights come from and their licence.
 
-    The trainer sets :attr:`InputSpec.normalization` from it (a backbone fed
-    another normalisation sees activations its BatchNorm statistics do not
-    describe), and the metadata keeps it so an operator can see what the graph
-    expects and why. ``interpolation`` and ``input_size`` are the backbone's
-    ImageNet training pipeline, kept for the record: the server resizes a
-    camera image to the model's own input with :attr:`InputSpec.interpolation`.
+    A family trains on the backbone's own normalisation or on ImageNet's,
+    whichever its validation figures chose (model_export/backbones.py,
+    ``input_normalisation`` in each family's config); the one it trained on is
+    :attr:`InputSpec.normalization`, which the server applies, and this
+    record says what the backbone itself expects, so an operator can see both.
+    ``interpolation`` and ``input_size`` are the backbone's ImageNet training
+    pipeline, kept for the record: the server resizes a camera image to the
+    model's own input with :attr:`InputSpec.interpolation`.
     """
 
     name: str = Field(min_length=1)
@@ -274,8 +276,8 @@ class ModelMetadata(_Frozen):
     calibration: Calibration
     training_data: TrainingData
     evaluation: Evaluation | None = None
-    # The pretrained backbone's input config; None for versions exported
-    # before it was recorded (they normalise as ``input`` says, like all).
+    # The pretrained backbone's own input config; None for versions exported
+    # before it was recorded. The server normalises as ``input`` says.
     backbone: PretrainedCfg | None = None
     opset: int = Field(ge=7)
     onnx_sha256: Sha256
@@ -300,13 +302,6 @@ class ModelMetadata(_Frozen):
                 f"input {self.input.height}x{self.input.width} does not divide into a "
                 f"{self.grid.rows}x{self.grid.cols} grid"
             )
-        if self.backbone is not None and not _same(
-            self.backbone.normalization(), self.input.normalization
-        ):
-            raise ValueError(
-                f"input normalisation {self.input.normalization} is not backbone "
-                f"{self.backbone.name}'s own {self.backbone.normalization()}"
-            )
         scales = self.calibration.scales
         if scales is not None and len(scales) != 1 + self.grid.count:
             raise ValueError(
@@ -314,9 +309,3 @@ class ModelMetadata(_Frozen):
                 f"(needs {1 + self.grid.count})"
             )
         return self
-
-
-def _same(a: Normalization, b: Normalization) -> bool:
-    """Equal up to float rounding."""
-    pairs = zip((*a.mean, *a.std), (*b.mean, *b.std), strict=True)
-    return all(math.isclose(x, y, rel_tol=1e-6) for x, y in pairs)

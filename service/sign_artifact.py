@@ -8,7 +8,7 @@ re-stamp versions written before metadata.json carried its digest.
     python -m service.sign_artifact --check models/bottle-pwae/5 \\
         --ed25519-public-key release.pub.pem   # or --hmac-key-file hmac.key
     # give a version written before artifact_sha256 existed its digest:
-    python -m service.sign_artifact --restamp models/bottle-pwae/1
+    python -m service.sign_artifact --restamp models/bottle-pwae/5
 
 Signing writes ``signature.json`` beside ``metadata.json`` (service/signing.py);
 nothing else in the version changes, so a version can be signed after it was

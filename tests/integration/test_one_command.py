@@ -21,6 +21,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from model_export import cli, pwae
+from model_export.backbones import IMAGENET
 from model_export.predict import CSV_NAME
 from service.app import create_app
 from service.artifact import load_artifact, resolve_version_dir
@@ -53,10 +54,12 @@ def test_one_command_on_a_plain_folder_then_again_then_otherwise(
     meta = art.metadata
     assert (meta.name, meta.version, meta.family) == ("photos-pwae", 1, "pwae")
     assert meta.evaluation is None  # no test split: no test figures, none invented
-    # The backbone's own input: recorded, and what the server normalises by.
+    # The backbone's own input config recorded; P-WAE trains on ImageNet's
+    # normalisation (its validated default), which the server applies.
     assert meta.backbone is not None and meta.backbone.name == "efficientnet_lite0"
-    assert meta.input.normalization == meta.backbone.normalization()
-    assert meta.input.normalization.std == (128 / 255,) * 3
+    assert meta.backbone.std == (128 / 255,) * 3
+    assert meta.input.normalization == IMAGENET
+    assert meta.model_info["input_normalisation"] == "imagenet"
     assert meta.training_data.category == "photos" and meta.training_data.train_images == 10
     assert meta.calibration.holdout_images == 2
     assert meta.model_info["validation_synthetic_images"] == 4.0
@@ -71,6 +74,7 @@ def test_one_command_on_a_plain_folder_then_again_then_otherwise(
     # bar through every pass (10 features + 2 x 8 steps + 10 statistics) to 100%.
     assert "Loaded pretrained" not in out + err
     assert out.count("encoder: efficientnet_lite0, ImageNet, from the") == 1
+    assert "input: normalised with mean (0.485, 0.456, 0.406)" in out
     assert "pwae fitting per-pixel error statistics on the 10 images" in out
     assert "100%" in err and "36/36" in err
     assert "done: models/photos-pwae/1;" in out

@@ -63,6 +63,10 @@ def test_synthetic_end_to_end(tmp_path: Path) -> None:
 
     art = load_artifact(out, providers=["CPUExecutionProvider"])
     assert art.metadata.family == "ot_prototypes"
+    # Trained, and served, on EfficientNet-Lite0's own (x - 127) / 128.
+    backbone = art.metadata.backbone
+    assert backbone is not None and art.metadata.input.normalization == backbone.normalization()
+    assert backbone.mean == (127 / 255,) * 3
     assert art.metadata.evaluation is not None
     rng = np.random.default_rng(123)
     good = good_image(rng)

@@ -57,16 +57,46 @@ def test_every_backbone_the_families_build_has_a_config() -> None:
         pretrained_cfg("vgg")
 
 
-def test_metadata_refuses_an_input_the_backbone_was_not_trained_on() -> None:
+def test_each_family_trains_on_the_normalisation_its_config_names() -> None:
+    from model_export.backbones import IMAGENET, input_normalization
+    from model_export.ot_prototypes import OTPrototypesConfig
+    from model_export.pwae import PWAEConfig
+
+    own = pretrained_cfg("efficientnet_lite0").normalization()
+    assert input_normalization("efficientnet_lite0", "backbone") == own
+    assert input_normalization("efficientnet_lite0", "imagenet") == IMAGENET
+    assert input_normalization("resnet50", "backbone") == IMAGENET  # its own is ImageNet's
+    with pytest.raises(ValueError, match="'backbone' or 'imagenet'"):
+        input_normalization("efficientnet_lite0", "raw")
+    # The defaults validation chose (docs/pwae-experiments.md, docs/ot-prototypes.md).
+    assert PWAEConfig().input_normalisation == "imagenet"
+    assert OTPrototypesConfig().input_normalisation == "backbone"
+
+
+def test_metadata_carries_the_backbone_config_beside_the_input_it_was_trained_on() -> None:
     cfg = pretrained_cfg("efficientnet_lite0")
-    meta = metadata_for(colour_distance_model())
-    own = meta.model_copy(update={"input": InputSpec(normalization=cfg.normalization())})
-    fields = own.model_dump(mode="json")
-    ok = ModelMetadata.model_validate({**fields, "backbone": cfg.model_dump(mode="json")})
-    assert ok.backbone == cfg
-    assert math.isclose(ok.input.normalization.std[0], 128 / 255)
-    imagenet = {**fields, "input": InputSpec().model_dump(mode="json")}
-    with pytest.raises(ValueError, match="is not backbone efficientnet_lite0's own"):
-        ModelMetadata.model_validate({**imagenet, "backbone": cfg.model_dump(mode="json")})
+    fields = metadata_for(colour_distance_model()).model_dump(mode="json")
+    meta = ModelMetadata.model_validate({**fields, "backbone": cfg.model_dump(mode="json")})
+    assert meta.backbone == cfg
+    assert meta.input.normalization == InputSpec().normalization  # trained on ImageNet's
+    again = ModelMetadata.model_validate_json(meta.model_dump_json())
+    assert again.backbone is not None and math.isclose(again.backbone.std[0], 128 / 255)
     # Versions from before the field: no backbone recorded, the input as written.
-    assert ModelMetadata.model_validate(imagenet).backbone is None
+    assert ModelMetadata.model_validate(fields).backbone is None
+
+
+def test_a_checkpoint_from_before_the_setting_reads_as_what_it_was_trained_on(
+    tmp_path: Path,
+) -> None:
+    from model_export.families import load_checkpoint
+    from model_export.pwae import PWAE, PWAEConfig
+
+    config = PWAEConfig(permutations=24).to_dict()
+    del config["input_normalisation"]  # as written before it was a setting
+    state = PWAE(PWAEConfig(permutations=24)).state_dict()
+    own = pretrained_cfg("efficientnet_lite0").normalization()
+    for norm, expected in ((own, "backbone"), (InputSpec().normalization, "imagenet")):
+        spec = InputSpec(normalization=norm).model_dump(mode="json")
+        path = tmp_path / f"{expected}.pt"
+        torch.save({"family": "pwae", "config": config, "state_dict": state, "input": spec}, path)
+        assert load_checkpoint(path)[1].input_normalisation == expected
