@@ -8,7 +8,7 @@ A family is a package of four modules, as anomalib shapes one
 300, 300))``, its loss, and its fitting, which the shared trainer runs
 (model_export/trainer.py: epochs, progress, checkpoint and resume, seeding,
 device); its graph comes from the shared exporter (model_export/export.py).
-Calibration, evaluation and export (model_export/cli.py) work on that
+Calibration, evaluation and export (model_export/stages.py) work on that
 interface only, so a new family is one entry here.
 
 The names: the server checks an artifact's ``family`` against

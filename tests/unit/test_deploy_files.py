@@ -721,11 +721,11 @@ def test_k8s_datasets_volume_can_be_filled_then_read_by_the_job() -> None:
 
 
 def test_k8s_training_job_passes_the_trainer_arguments_it_takes() -> None:
-    from model_export import cli
+    from model_export import cli_args
 
     job = by_kind(kustomize(K8S / "training"))["Job"]
     (container,) = job["spec"]["template"]["spec"]["containers"]
-    args = cli.parser().parse_args(container["args"])  # exits on an unknown flag
+    args = cli_args.parser().parse_args(container["args"])  # exits on an unknown flag
     assert args.stage == "run" and args.data is not None
     # A model directory, not a fixed version: every run writes a new one.
     assert args.out is not None and not args.out.name.isdigit()

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from typing import get_args
 
-from model_export import cli
+from model_export import cli_args
 from model_export.families import FAMILIES, get_family
 from service.contract import ModelFamily
 from tests.helpers.deploy import REPO
@@ -21,7 +21,7 @@ def test_the_registry_holds_the_contracts_families() -> None:
 
 
 def test_the_trainers_family_choices_and_folders_come_from_the_registry() -> None:
-    ap = cli._common()
+    ap = cli_args._common()
     family = next(a for a in ap._actions if a.dest == "family")
     assert isinstance(family, argparse.Action)
     assert sorted(family.choices or ()) == sorted(FAMILIES)

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from model_export import cli, pwae
+from model_export import cli, preflight, pwae
 from model_export.backbones import efficientnet_lite0
 from model_export.config_args import ConfigError, build_config, parse_set
 from model_export.data import labelled_images, list_images, split_paths
@@ -157,10 +157,10 @@ def test_a_target_the_held_out_images_cannot_keep(
     _nothing_written(in_tmp)
     # The default target is not the user's ask: the promise it can keep is
     # said before training, and written into the metadata after.
-    cli._check_target(12, 0.2, cli.DEFAULT_TARGET_FPR, explicit=False)
+    preflight._check_target(12, 0.2, preflight.DEFAULT_TARGET_FPR, explicit=False)
     note = capsys.readouterr().err
     assert "note: 12 good images, 2 of them held out" in note and "will promise 33.33%" in note
-    cli._check_target(600, 0.2, 0.01, explicit=True)  # 120 held out keep 1%
+    preflight._check_target(600, 0.2, 0.01, explicit=True)  # 120 held out keep 1%
 
 
 def test_an_existing_export_version_stops_the_run_before_any_work(

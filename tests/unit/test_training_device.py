@@ -19,7 +19,7 @@ import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from model_export import cli, pwae
+from model_export import cli, cli_args, pwae
 from model_export import ot_prototypes as ot
 from model_export.device import (
     DeviceUnavailable,
@@ -80,14 +80,14 @@ def test_the_trainer_exits_with_the_sentence_not_a_traceback(
         assert "Traceback" not in err
     assert not list(tmp_path.iterdir())
     with pytest.raises(SystemExit):
-        cli.parser().parse_args(["train", "--work", "w", "--device", "gpu"])
-    assert cli.parser().parse_args(["train", "--work", "w"]).device == "auto"
+        cli_args.parser().parse_args(["train", "--work", "w", "--device", "gpu"])
+    assert cli_args.parser().parse_args(["train", "--work", "w"]).device == "auto"
 
 
 def test_the_training_job_asks_for_the_gpu_it_requests() -> None:
     job = yaml.safe_load((REPO / "k8s" / "training" / "job.yaml").read_text())
     (container,) = job["spec"]["template"]["spec"]["containers"]
-    args = cli.parser().parse_args(container["args"])
+    args = cli_args.parser().parse_args(container["args"])
     assert args.device == "cuda"
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == 1
 
