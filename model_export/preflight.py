@@ -27,7 +27,7 @@ from model_export.sources import (
     good_images,
     mvtec_source,
 )
-from model_export.stages import _spec
+from model_export.stages import colour_spec
 from model_export.workdir import CHECKPOINT
 from service.calibration import images_for_target, promised_fpr
 from service.contract import InputSpec
@@ -136,7 +136,7 @@ def _resolve(args: argparse.Namespace) -> Job:
                 f"{source.good} holds 1 image; training needs at least 2: images to fit on, "
                 "and images held out to calibrate the thresholds on"
             )
-        spec = _spec(check_images(paths))
+        spec = colour_spec(check_images(paths))
         checked = paths, spec
         if stage == "run":
             _check_target(len(paths), args.holdout, target, args.target_fpr is not None)

@@ -79,7 +79,9 @@ def _checkpoint(
     return load_checkpoint(work / CHECKPOINT, device)
 
 
-def _spec(colour: str) -> InputSpec:
+def colour_spec(colour: str) -> InputSpec:
+    """The default InputSpec with the images' colour ("RGB" or "grey"); the
+    trainer sets the normalisation from the family's config."""
     return InputSpec.model_validate({**InputSpec().model_dump(), "color": colour})
 
 
@@ -111,7 +113,7 @@ def train(
     source = data if isinstance(data, Source) else mvtec_source(data)
     if checked is None:
         paths = good_images(source)
-        checked = paths, _spec(check_images(paths))
+        checked = paths, colour_spec(check_images(paths))
     paths, spec = checked
     backbone_name, weights = family.backbone(cfg)
     backbone = pretrained_cfg(backbone_name)
