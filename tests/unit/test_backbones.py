@@ -38,7 +38,8 @@ def test_efficientnet_lite0_sees_the_statistics_it_was_trained_on() -> None:
     about 2.7x the variance its BatchNorm expects; fed its own
     (x - 127) / 128, about half: nearer, on the scale that matters (a ratio),
     to what the weights were trained on."""
-    assert len(BOTTLES) == 16, f"MVTec AD bottle not found under {DATASETS}"
+    if len(BOTTLES) < 16:
+        pytest.skip(f"MVTec AD bottle not found under {DATASETS} (set INSPECTION_DATASETS)")
     own = _stem_variance_ratio(pretrained_cfg("efficientnet_lite0").normalization())
     imagenet = _stem_variance_ratio(InputSpec().normalization)
     assert 2.0 < imagenet < 3.5, imagenet
