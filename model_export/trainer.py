@@ -33,7 +33,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 import torch
 from torch import nn
@@ -79,17 +79,24 @@ class Fitting(Protocol):
         """The family's own figures for the training log, besides the history."""
 
 
+class Options(TypedDict, total=False):
+    """What a caller may tell :func:`train` (and each family's ``fit``, which
+    passes them on) besides the config and the images."""
+
+    progress: Progress
+    checkpoint: Path | None
+    stop_after_epoch: int | None
+    device: torch.device | str
+    on_epoch: Callable[[dict[str, Any]], object] | None
+    on_stage: Callable[[str], object] | None
+    started: float | None
+
+
 def train(
     start: Callable[[Any, Sequence[torch.Tensor], torch.device], Fitting],
     config: Config,
     images: Sequence[torch.Tensor],
-    progress: Progress = None,
-    checkpoint: Path | None = None,
-    stop_after_epoch: int | None = None,
-    device: torch.device | str = "cpu",
-    on_epoch: Callable[[dict[str, Any]], object] | None = None,
-    on_stage: Callable[[str], object] | None = None,
-    started: float | None = None,
+    **options: Unpack[Options],
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fit ``start(config, images, device)`` (see the module doc); the model,
     on ``device``, and the log: ``history`` (a record per epoch),
@@ -97,10 +104,17 @@ def train(
 
     ``started`` is when the training began (time.perf_counter(); default:
     now), which the checkpoint's seconds count from. ``stop_after_epoch``
-    ends the epochs early, as a killed run (for tests).
+    ends the epochs early, as a killed run (for tests). ``device`` defaults
+    to the CPU; the others to none.
     """
+    progress = options.get("progress")
+    checkpoint = options.get("checkpoint")
+    stop_after_epoch = options.get("stop_after_epoch")
+    on_epoch = options.get("on_epoch")
+    on_stage = options.get("on_stage")
+    started = options.get("started")
     started = time.perf_counter() if started is None else started
-    device = torch.device(device)
+    device = torch.device(options.get("device", "cpu"))
     torch.manual_seed(config.seed)
     fitting = start(config, images, device)
     t = time.perf_counter()

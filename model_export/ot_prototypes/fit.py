@@ -11,8 +11,7 @@ member or (as the trainer does) epoch by epoch gives the same prototypes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -219,13 +218,7 @@ def fit(
     config: OTPrototypesConfig,
     images: Sequence[torch.Tensor],
     encoder: nn.Module | None = None,
-    progress: Callable[[int], object] | None = None,
-    checkpoint: Path | None = None,
-    stop_after_epoch: int | None = None,
-    device: torch.device | str = "cpu",
-    on_epoch: Callable[[dict[str, Any]], object] | None = None,
-    on_stage: Callable[[str], object] | None = None,
-    started: float | None = None,
+    **options: Unpack[trainer.Options],
 ) -> tuple[OTPrototypesModel, dict[str, Any]]:
     """Fit every ensemble member on defect-free (3, 300, 300) normalised
     images with the shared trainer (model_export/trainer.py: seeding, device,
@@ -237,10 +230,6 @@ def fit(
     ) -> OTFitting:
         return OTFitting(cfg, imgs, dev, encoder)
 
-    model, log = trainer.train(
-        start, config, images, progress=progress, checkpoint=checkpoint,
-        stop_after_epoch=stop_after_epoch, device=device, on_epoch=on_epoch,
-        on_stage=on_stage, started=started,
-    )  # fmt: skip
+    model, log = trainer.train(start, config, images, **options)
     assert isinstance(model, OTPrototypesModel)
     return model, log

@@ -5,8 +5,7 @@ paper's learning-rate schedule, then the per-pixel error statistics."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
@@ -122,25 +121,13 @@ class PWAEFitting:
 
 
 def fit(
-    config: PWAEConfig,
-    images: Sequence[torch.Tensor],
-    progress: Callable[[int], object] | None = None,
-    checkpoint: Path | None = None,
-    stop_after_epoch: int | None = None,
-    device: torch.device | str = "cpu",
-    on_epoch: Callable[[dict[str, Any]], object] | None = None,
-    on_stage: Callable[[str], object] | None = None,
-    started: float | None = None,
+    config: PWAEConfig, images: Sequence[torch.Tensor], **options: Unpack[trainer.Options]
 ) -> tuple[PWAE, dict[str, Any]]:
     """Train on defect-free images with the shared trainer (model_export/trainer.py:
     seeding, device, progress, epoch records, checkpoint and resume);
     deterministic under ``config.seed`` on the CPU. ``progress`` is told
     :func:`progress_total` images in all; the log has each epoch's losses
     (``history``) and ``seconds_before``."""
-    model, log = trainer.train(
-        PWAEFitting, config, images, progress=progress, checkpoint=checkpoint,
-        stop_after_epoch=stop_after_epoch, device=device, on_epoch=on_epoch,
-        on_stage=on_stage, started=started,
-    )  # fmt: skip
+    model, log = trainer.train(PWAEFitting, config, images, **options)
     assert isinstance(model, PWAE)
     return model, log
