@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import httpx
 
@@ -68,3 +71,27 @@ def run_server(model_dir: Path | None, log_dir: Path, **settings: str) -> Iterat
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def raw_connection(s: Server) -> socket.socket:
+    """A plain TCP connection to the server, for clients no HTTP library plays."""
+    url = urlparse(s.base)
+    return socket.create_connection((url.hostname, url.port), timeout=10)
+
+
+def read_until_closed(sock: socket.socket, wait_s: float) -> bytes | None:
+    """What the server sent before closing, or None if it was still open after ``wait_s``."""
+    got = b""
+    sock.settimeout(0.05)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            continue
+        except OSError:  # reset
+            return got
+        if not chunk:
+            return got
+        got += chunk
+    return None

@@ -13,14 +13,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 import httpx
 import numpy as np
 import pytest
 
 from tests.helpers.onnx_models import write_toy_artifact
-from tests.helpers.server import Server, run_server
+from tests.helpers.server import Server, raw_connection, read_until_closed, run_server
 from tests.helpers.synthetic import encode_png, good_image
 
 GOOD = encode_png(good_image(np.random.default_rng(0)))
@@ -34,32 +33,9 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "toy"
 
 
-def _raw(s: Server) -> socket.socket:
-    url = urlparse(s.base)
-    return socket.create_connection((url.hostname, url.port), timeout=10)
-
-
 def _post(s: Server, data: bytes = GOOD, **kw: object) -> httpx.Response:
     headers = {"content-type": "image/png", **kw.pop("headers", {})}  # type: ignore[dict-item]
     return httpx.post(f"{s.base}/v1/inspect", content=data, headers=headers, timeout=30, **kw)  # type: ignore[arg-type]
-
-
-def _closed_by_server(sock: socket.socket, wait_s: float) -> bytes | None:
-    """What the server sent before closing, or None if it was still open after ``wait_s``."""
-    got = b""
-    sock.settimeout(0.05)
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(4096)
-        except TimeoutError:
-            continue
-        except OSError:  # reset
-            return got
-        if not chunk:
-            return got
-        got += chunk
-    return None
 
 
 def _trickle(
@@ -103,7 +79,7 @@ def test_slow_headers_are_cut_off_at_the_deadline(toy: Path, tmp_path: Path) -> 
         results: list[tuple[bytes, float]] = []
 
         def slow() -> None:
-            with _raw(s) as sock:
+            with raw_connection(s) as sock:
                 results.append(_trickle(sock, REQUEST + b"X-Pad: " + b"a" * 200, 0.2, 10))
 
         threads = [threading.Thread(target=slow) for _ in range(10)]
@@ -121,8 +97,8 @@ def test_slow_headers_are_cut_off_at_the_deadline(toy: Path, tmp_path: Path) -> 
             assert body["request_id"] is None
             assert 0.9 < took < 3.0, took  # the 1 s deadline, not the client's patience
         # A connection that sends nothing at all is closed too, without an answer.
-        with _raw(s) as idle:
-            assert _closed_by_server(idle, 3) == b""
+        with raw_connection(s) as idle:
+            assert read_until_closed(idle, 3) == b""
         # Keep-alive: the deadline runs again after each answer, and a prompt
         # client is never cut off.
         with httpx.Client(base_url=s.base, timeout=10) as client:
@@ -135,9 +111,9 @@ def test_slow_headers_are_cut_off_at_the_deadline(toy: Path, tmp_path: Path) -> 
 
 
 def test_header_deadline_off_is_uvicorns_behaviour(toy: Path, tmp_path: Path) -> None:
-    with run_server(toy, tmp_path, header_timeout_s="0") as s, _raw(s) as sock:
+    with run_server(toy, tmp_path, header_timeout_s="0") as s, raw_connection(s) as sock:
         sock.sendall(REQUEST[:10])
-        assert _closed_by_server(sock, 1.5) is None  # still open
+        assert read_until_closed(sock, 1.5) is None  # still open
 
 
 # ------------------------------------------------------------- connection cap
@@ -146,12 +122,12 @@ def test_header_deadline_off_is_uvicorns_behaviour(toy: Path, tmp_path: Path) ->
 def test_idle_connections_beyond_the_cap_make_room(toy: Path, tmp_path: Path) -> None:
     cap = 10
     with run_server(toy, tmp_path, max_connections=str(cap), header_timeout_s="30") as s:
-        socks = [_raw(s) for _ in range(3 * cap)]
+        socks = [raw_connection(s) for _ in range(3 * cap)]
         try:
             time.sleep(0.5)
             # The longest-waiting idle connections were closed to make room;
             # no more than the cap stay open.
-            closed = [sock for sock in socks if _closed_by_server(sock, 0.05) is not None]
+            closed = [sock for sock in socks if read_until_closed(sock, 0.05) is not None]
             assert len(closed) >= 2 * cap, len(closed)
             assert set(closed) == set(socks[: len(closed)]), "the oldest go first"
             # A normal client still gets in, and is served.
@@ -165,13 +141,13 @@ def test_beyond_the_cap_with_every_connection_busy_is_503(toy: Path, tmp_path: P
     cap = 4
     settings = {"max_connections": str(cap), "read_timeout_s": "20"}
     with run_server(toy, tmp_path, **settings) as s:
-        busy = [_raw(s) for _ in range(cap)]
+        busy = [raw_connection(s) for _ in range(cap)]
         try:
             for sock in busy:  # headers in, the body half-sent: busy with a request
                 sock.sendall(REQUEST + f"Content-Length: {len(GOOD)}\r\n\r\n".encode() + GOOD[:100])
             time.sleep(0.5)
-            with _raw(s) as extra:
-                answer = _closed_by_server(extra, 3)
+            with raw_connection(s) as extra:
+                answer = read_until_closed(extra, 3)
             assert answer is not None and answer.startswith(b"HTTP/1.1 503"), answer
             assert _envelope(answer)["error"]["reason"] == "too_many_connections"  # type: ignore[index]
             # The busy ones finish their requests and are answered.

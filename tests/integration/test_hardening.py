@@ -5,10 +5,8 @@ still answering."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import httpx
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 
 from service.contract import MODEL_FILE
 from tests.helpers.onnx_models import write_toy_artifact
-from tests.helpers.server import Server, run_server
+from tests.helpers.server import Server, raw_connection, read_until_closed, run_server
 from tests.helpers.synthetic import encode_png, good_image
 
 GOOD = encode_png(good_image(np.random.default_rng(0)))
@@ -33,11 +31,6 @@ def _still_serving(s: Server) -> None:
     assert s.proc.poll() is None
     assert _post(s, GOOD).status_code == 200
     assert httpx.get(f"{s.base}/readyz").status_code == 200
-
-
-def _raw(s: Server) -> socket.socket:
-    url = urlparse(s.base)
-    return socket.create_connection((url.hostname, url.port), timeout=10)
 
 
 def test_inference_error_is_a_clean_500_and_the_server_goes_on(tmp_path: Path) -> None:
@@ -76,7 +69,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
 
 def test_client_disconnecting_mid_upload(server: Server) -> None:
     for _ in range(5):
-        with _raw(server) as sock:
+        with raw_connection(server) as sock:
             sock.sendall(
                 b"POST /v1/inspect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
                 b"Content-Length: 100000\r\n\r\n" + GOOD[:5000]
@@ -87,7 +80,7 @@ def test_client_disconnecting_mid_upload(server: Server) -> None:
 
 
 def test_slow_client_is_cut_off_by_the_read_timeout(server: Server) -> None:
-    with _raw(server) as sock:
+    with raw_connection(server) as sock:
         sock.sendall(
             b"POST /v1/inspect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
             b"Content-Length: 1000\r\n\r\n"
@@ -106,17 +99,7 @@ def test_slow_client_is_cut_off_by_the_read_timeout(server: Server) -> None:
         took = time.monotonic() - started
         # The body may follow the headers in a later segment: read to the
         # end (the server closes the connection after a 408), at most 2 s.
-        deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if not chunk:
-                break
-            answer += chunk
+        answer += read_until_closed(sock, 2) or b""
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"read_timeout" in answer
     assert took < 6  # the 2 s limit, not the client's patience
