@@ -11,7 +11,7 @@ the first images of the real bottle category's fit split
 cuda), and prints and writes the images/s of every epoch. A step is one batch:
 P-WAE's optimizer step on ``--batch-size`` images (default 8, its config's),
 OT prototypes' transport update of every ensemble member on
-``images_per_batch`` (4) images; an OT epoch runs every member over its images,
+``images_per_batch`` (64) images; an OT epoch runs every member over its images,
 so its figure counts an image once per member. Both families first pass every
 image once through their frozen encoder and cache the features; that pass is
 timed on a line of its own (epoch 0), outside the epochs. The first epoch also

@@ -2,11 +2,12 @@
 
 The model, as in the paper:
 
-* a frozen ImageNet-pretrained encoder gives patch features at one or two
-  intermediate scales of the 300x300 image (EfficientNet-Lite0 from
-  model_export.backbones, the one P-WAE uses; each
-  "scale" concatenates two taps, the deeper one upsampled, after a 3x3 local
-  average so a patch sees its neighbourhood);
+* a frozen ImageNet-pretrained encoder gives patch features at one or more
+  scales of the 300x300 image (EfficientNet-Lite0 from
+  model_export.backbones, the one P-WAE uses; a "scale" is one block's
+  output, or two concatenated, the deeper one upsampled, after a 3x3 local
+  average so a patch sees its neighbourhood; the default is one member on
+  the deepest block, "s32", chosen on validation);
 * every feature-grid position owns ``prototypes_per_position`` prototypes,
   each a feature vector (learned) and a fixed position (that grid cell);
 * the cost between patch i and prototype j is
@@ -38,6 +39,7 @@ shared trainer, model_export/trainer.py).
 from __future__ import annotations
 
 from model_export.ot_prototypes.config import (
+    FIRST_ENSEMBLE,
     IMAGE_SIZE,
     OPSET,
     SCALES,
@@ -69,8 +71,9 @@ from model_export.ot_prototypes.model import (
 )
 
 __all__ = [
-    "IMAGE_SIZE", "OPSET", "SCALES", "MemberConfig", "MemberFitting", "MultiScaleFeatures",
-    "OTFitting", "OTPrototypesConfig", "OTPrototypesModel", "PrototypeMember", "barycentres",
+    "FIRST_ENSEMBLE", "IMAGE_SIZE", "OPSET", "SCALES", "MemberConfig", "MemberFitting",
+    "MultiScaleFeatures", "OTFitting", "OTPrototypesConfig", "OTPrototypesModel",
+    "PrototypeMember", "barycentres",
     "efficientnet_lite0_blocks", "ema_update", "extract_features", "feature_cost", "fit",
     "fit_member", "grid_positions", "progress_total", "spatial_cost", "to_onnx", "transport_cost",
 ]  # fmt: skip

@@ -68,11 +68,12 @@ class MultiScaleFeatures(nn.Module):
                 tapped[i] = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
         out: dict[str, torch.Tensor] = {}
         for s in self.scales:
-            shallow, deep = (tapped[i] for i in SCALES[s])
-            deep = F.interpolate(
-                deep, size=shallow.shape[-2:], mode="bilinear", align_corners=False
-            )
-            out[s] = torch.cat([shallow, deep], dim=1)  # (N, C, h, w)
+            first, *deeper = (tapped[i] for i in SCALES[s])
+            resized = [
+                F.interpolate(d, size=first.shape[-2:], mode="bilinear", align_corners=False)
+                for d in deeper
+            ]
+            out[s] = torch.cat([first, *resized], dim=1) if resized else first  # (N, C, h, w)
         return out
 
 
@@ -148,9 +149,14 @@ class OTPrototypesModel(nn.Module):
         return separable_blur(m[:, None], self.blur, "replicate")[:, 0]
 
     def anomaly_map(self, image: torch.Tensor) -> torch.Tensor:
-        feats = self.features(image)
+        return self.map_from_features(self.features(image))
+
+    def map_from_features(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The smoothed ensemble map (N, 300, 300) from each scale's features
+        (what ``features`` gives), so a sweep over settings scores cached features."""
+        first = next(iter(feats.values()))
         total = torch.zeros(
-            image.shape[0], IMAGE_SIZE, IMAGE_SIZE, dtype=image.dtype, device=image.device
+            first.shape[0], IMAGE_SIZE, IMAGE_SIZE, dtype=first.dtype, device=first.device
         )
         for member in self.prototype_members():
             s = member(feats[member.config.scale])  # (N, h, w)

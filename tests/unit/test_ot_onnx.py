@@ -20,8 +20,14 @@ def fitted() -> tuple[torch.nn.Module, bytes]:
     rng = np.random.default_rng(0)
     images = [torch.from_numpy(prepare(encode_png(good_image(rng))).tensor) for _ in range(4)]
     config = OTPrototypesConfig(
-        # Both scales, a global and a local member: every path of the graph.
-        members=(MemberConfig("s8", 0.0, 1), MemberConfig("s16", 0.5, 2)),
+        # Every scale (two taps and one), a global and a local member: every
+        # path of the graph. At epsilon 0.05, 10 iterations converge.
+        members=(
+            MemberConfig("s8", 0.0, 1),
+            MemberConfig("s16", 0.5, 2),
+            MemberConfig("s32", 0.0, 2),
+        ),
+        epsilon=0.05,
         sinkhorn_iterations=10,
     )
     model, log = fit(config, images)

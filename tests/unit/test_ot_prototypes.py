@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model_export.ot_prototypes import (
+    FIRST_ENSEMBLE,
     MemberConfig,
     OTPrototypesConfig,
     PrototypeMember,
@@ -136,7 +137,11 @@ def test_the_config_reads_what_the_earlier_dataclass_config_wrote() -> None:
     # records what it was trained on: families.load_checkpoint).
     expected = {**written, "members": list(written["members"]), "input_normalisation": "backbone"}  # type: ignore[call-overload]
     assert cfg.to_dict() == expected
-    # No members: the default ensemble, as the earlier from_dict gave.
-    assert OTPrototypesConfig.from_dict({"members": ()}) == OTPrototypesConfig()
+    # No members: the ensemble that was the default then, whatever today's is.
+    first = OTPrototypesConfig(members=FIRST_ENSEMBLE)
+    assert OTPrototypesConfig.from_dict({"members": ()}) == first
+    # No members key (the command line's defaults): today's default.
+    assert OTPrototypesConfig.from_dict({}) == OTPrototypesConfig()
+    assert len(OTPrototypesConfig().members) == len(FIRST_ENSEMBLE) + 1
     with pytest.raises(ValueError, match="unknown"):
         OTPrototypesConfig.from_dict({**written, "unknown": 1})
