@@ -19,6 +19,7 @@ from model_export.config_args import ConfigError, build_config, parse_set
 from model_export.data import labelled_images, list_images, split_paths
 from model_export.evaluation import evaluate_scores, masked_defectives
 from model_export.families import get_family
+from model_export.ot_prototypes import OTPrototypesConfig
 from model_export.report import paper_reference, write_summary
 from model_export.sources import DataError, check_images, folder_source, good_images
 from tests.helpers.good_folder import write_good_folder, write_test_folder
@@ -81,7 +82,8 @@ def test_bad_settings_name_the_flag_before_any_work(
     assert f"no such file {weights}" in err
     err = _fails(capsys, "run", "--good", str(good), "--family", "ot_prototypes",
                  "--set", "epsilon=abc")  # fmt: skip
-    assert "--set epsilon=abc: epsilon takes a number (default 0.05)" in err
+    default = OTPrototypesConfig().epsilon
+    assert f"--set epsilon=abc: epsilon takes a number (default {default})" in err
     bad_json = in_tmp / "config.json"
     bad_json.write_text("{epochs: 3}")
     assert "--config" in _fails(capsys, "run", "--good", str(good), "--config", str(bad_json))
