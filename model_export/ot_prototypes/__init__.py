@@ -6,8 +6,9 @@ The model, as in the paper:
   scales of the 300x300 image (EfficientNet-Lite0 from
   model_export.backbones, the one P-WAE uses; a "scale" is one block's
   output, or two concatenated, the deeper one upsampled, after a 3x3 local
-  average so a patch sees its neighbourhood; the default is one member on
-  the deepest block, "s32", chosen on validation);
+  average so a patch sees its neighbourhood; the default ensemble has four
+  members on "s8" and "s16" and, chosen on validation, a fifth on the
+  deepest block alone, "s32");
 * every feature-grid position owns ``prototypes_per_position`` prototypes,
   each a feature vector (learned) and a fixed position (that grid cell);
 * the cost between patch i and prototype j is
