@@ -34,9 +34,9 @@ from model_export.data import category_spec, load_tensor, split_train, test_set
 from model_export.ot_prototypes import (
     FIRST_ENSEMBLE,
     MemberConfig,
-    MultiScaleFeatures,
     OTPrototypesConfig,
     OTPrototypesModel,
+    extract_features,
     fit_member,
 )
 from model_export.ot_prototypes.model import efficientnet_lite0_blocks
@@ -108,12 +108,6 @@ def _auroc(good: np.ndarray, bad: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def _features(encoder: MultiScaleFeatures, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    parts = [encoder(images[i : i + 16]) for i in range(0, len(images), 16)]
-    return {s: torch.cat([p[s] for p in parts]) for s in parts[0]}
-
-
-@torch.no_grad()
 def _image_errors(model: OTPrototypesModel, feats: dict[str, torch.Tensor]) -> np.ndarray:
     n = len(next(iter(feats.values())))
     maps = [
@@ -140,9 +134,13 @@ def sweep(
     labels = np.array([label for _, label, _ in tests])
     encoder = efficientnet_lite0_blocks()
     scales = sorted({m.scale for _, cfg in candidates for m in cfg["members"]})
-    features = MultiScaleFeatures(encoder, scales)
+    # A model with one small member per scale, only for the family's own
+    # feature extraction: every candidate is then fitted and scored on them.
+    probe = OTPrototypesModel(
+        OTPrototypesConfig(members=tuple(MemberConfig(s, 0.0, 1) for s in scales)), encoder
+    ).eval()
     t0 = time.perf_counter()
-    feats = {k: _features(features, x) for k, x in images.items()}
+    feats = {k: extract_features(probe, x) for k, x in images.items()}
     rows: list[dict[str, Any]] = []
     for label, fields in candidates:
         config = OTPrototypesConfig(**fields)
