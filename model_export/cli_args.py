@@ -25,6 +25,9 @@ says more):
   (model_export/trainer.py) -> ``checkpoint.pt``. It also keeps
   ``train_state.pt`` after every epoch; an interrupted run resumes from it, a
   finished one is reused (model_export/workdir.py), and the trainer says which.
+  What a family leaves to the category is then settled on the held-out
+  images with synthetic defects (P-WAE's ``error_space="auto"``:
+  model_export/pwae/error_space.py).
 * ``calibrate``: e0..e9 on the held-out defect-free images -> eps0..eps9 for a
   target false-positive rate of the whole rule, and, from the same images
   with synthetic defects pasted in, the validation AUROC that configurations
@@ -81,7 +84,8 @@ Train, calibrate, validate, evaluate and export in one go:
                 -> <work>/checkpoint.pt. A work directory holding this same
                 training is reused (finished) or resumed (interrupted), and the
                 trainer says so; one holding another training is refused unless
-                --force.
+                --force. P-WAE then settles its error space (pixels or
+                features) on the held-out images with synthetic defects.
   2. calibrate  thresholds eps0..eps9 on the held-out images for --target-fpr
                 (default 1% false rejects on new good parts), and validation:
                 the same images with synthetic defects pasted in (no test image)

@@ -56,10 +56,16 @@ class Family:
     progress_total: Callable[[Any, int], int] | None = None
     # The pretrained encoder's name and weights file (None: shipped in a package).
     backbone: Callable[[Any], tuple[str, str | None]] = lambda _: ("efficientnet_lite0", None)
+    # settle(model, fit images, held-out paths, spec, seed, codec, progress) ->
+    # (model, record): settings the config leaves to the category, chosen after
+    # fitting on its held-out images with synthetic defects. The record's
+    # "settings" override the config wherever the checkpoint is loaded.
+    settle: Callable[..., tuple[nn.Module, dict[str, Any]]] | None = None
 
 
 def _pwae() -> Family:
     from model_export import pwae
+    from model_export.pwae.error_space import settle
 
     def describe(cfg: pwae.PWAEConfig) -> dict[str, str | int | float | bool]:
         cells = pwae.latent_cells(cfg.encoder_stride)
@@ -73,6 +79,8 @@ def _pwae() -> Family:
             "permutations": cfg.permutations,
             "epochs": cfg.epochs,
             "swd_on": cfg.swd_on,
+            "error_space": cfg.error_space
+            + (f" (stride {cfg.error_feature_stride})" if cfg.error_space == "feature" else ""),
             "error_normalisation": cfg.error_normalisation,
             "tile_error": cfg.tile_error,
             "error_sigma": cfg.error_sigma,
@@ -89,6 +97,7 @@ def _pwae() -> Family:
         presets={"paper": pwae.PAPER.to_dict(), "feature_error": pwae.FEATURE_ERROR.to_dict()},
         progress_total=pwae.progress_total,
         backbone=lambda cfg: (cfg.backbone, cfg.backbone_weights),
+        settle=settle,
     )
 
 
@@ -155,7 +164,8 @@ def load_checkpoint(
     from a trained checkpoint."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     family = get_family(ckpt["family"])
-    raw = dict(ckpt["config"])
+    # The settings the family settled after fitting (Family.settle) over those asked for.
+    raw = {**ckpt["config"], **ckpt.get("settled", {}).get("settings", {})}
     if "input_normalisation" not in raw:
         # A checkpoint from before it was a setting: what its recorded input says.
         recorded = ckpt.get("input", {}).get("normalization")

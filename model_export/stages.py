@@ -162,6 +162,21 @@ def train(
             cfg, images, progress=bar.update, device=device, on_epoch=on_epoch,
             on_stage=on_stage, checkpoint=work / TRAIN_STATE, started=t0,
         )  # fmt: skip
+    settled: dict[str, Any] = {}
+    if family.settle is not None:
+        t_settle = time.perf_counter()
+        with tqdm(desc=f"{family.name} settling", unit="img", file=sys.stderr) as bar:
+            model, settled = family.settle(
+                model, images, hold, spec, seed=seed, codec=augment_codec, progress=bar.update
+            )
+        if settled:
+            chosen = ", ".join(f"{k}={v}" for k, v in settled["settings"].items())
+            figures = ", ".join(f"{k} {v:.3f}" for k, v in settled["figures"].items())
+            settled["seconds"] = round(time.perf_counter() - t_settle, 1)
+            tqdm.write(
+                f"{family.name} settled {chosen} on validation ({figures}) "
+                f"in {settled['seconds']:.0f} s"
+            )
     this_run = time.perf_counter() - t0
     # The true training time: this run's, and the earlier runs' a resumed one continues.
     before = float(log.get("seconds_before", 0.0))
@@ -186,6 +201,7 @@ def train(
             "device": device_name,
             "images_per_s": images_per_s,
             "log": log,
+            "settled": settled,
         },
         work / CHECKPOINT,
     )
@@ -369,6 +385,7 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
         model_info={
             **family.describe(cfg),
             **{f"validation_{k}": round(v, 4) for k, v in cal.get("validation", {}).items()},
+            **ckpt.get("settled", {}).get("figures", {}),
             "train_seconds": round(float(ckpt["train_seconds"]), 1),
             # Where and how fast it was trained (checkpoints from before
             # --device record neither: they were trained on the CPU).

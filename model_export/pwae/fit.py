@@ -30,7 +30,8 @@ def progress_total(config: PWAEConfig, n: int) -> int:
     ``n`` images: the frozen encoder's feature pass, every epoch's steps, and
     the pass that fits the per-pixel error statistics, so a bar ends at 100%."""
     features = n if config.freeze_encoder else 0
-    statistics = n if config.error_normalisation == "zscore" else 0
+    # error_space="auto" fits its statistics when it is settled (error_space.py).
+    statistics = n if config.error_normalisation == "zscore" and config.error_space != "auto" else 0
     return features + config.epochs * images_per_epoch(config, n) + statistics
 
 
@@ -108,7 +109,7 @@ class PWAEFitting:
     def finish(self, progress: trainer.Progress, on_stage: Callable[[str], object] | None) -> None:
         """Eval mode, and the per-pixel error statistics where the errors are z-scores."""
         self.model.eval()
-        if self.config.error_normalisation == "zscore":
+        if self.config.error_normalisation == "zscore" and self.config.error_space != "auto":
             if on_stage is not None:
                 on_stage(
                     f"fitting per-pixel error statistics on the {len(self.x_all)} images "

@@ -15,7 +15,7 @@ from torch import nn
 from model_export.backbones import Encoder, build_encoder
 from model_export.blur import gaussian_kernel, separable_blur
 from model_export.export import to_onnx as export_onnx
-from model_export.pwae.config import GRID, IMAGE_SIZE, OPSET, TILE, PWAEConfig
+from model_export.pwae.config import GRID, IMAGE_SIZE, OPSET, TILE, ErrorSpace, PWAEConfig
 from service import tiler
 
 
@@ -93,10 +93,15 @@ class PWAE(nn.Module):
         )
         perms = permutation_set(config.permutations, config.permutation_seed)
         self.register_buffer("perms", torch.from_numpy(perms), persistent=True)
-        # The feature space of the error, where one is used: frozen, ImageNet's statistics kept.
+        # The feature space of the error, where one is used: frozen, ImageNet's
+        # statistics kept. Built on a forked random state: building it draws
+        # numbers, and where the error is measured must not change what is trained.
         self.perceptual: Encoder | None = None
-        if config.error_space == "feature" or config.w_perceptual > 0:
-            self.perceptual = build_encoder("efficientnet_lite0", IMAGE_SIZE, stride=8)
+        if config.error_space != "pixel" or config.w_perceptual > 0:
+            with torch.random.fork_rng(devices=[]):
+                self.perceptual = build_encoder(
+                    "efficientnet_lite0", IMAGE_SIZE, stride=config.error_feature_stride
+                )
             self.perceptual.eval()
             for p in self.perceptual.parameters():
                 p.requires_grad_(False)
@@ -143,19 +148,50 @@ class PWAE(nn.Module):
     def feature_error(self, image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """Squared feature difference, mean over channels, at image size: (N, 1, 300, 300)."""
         assert self.perceptual is not None, (
-            "built only with error_space='feature' or w_perceptual > 0"
+            "built only with error_space 'feature' or 'auto', or w_perceptual > 0"
         )
         err = ((self.perceptual(image) - self.perceptual(recon)) ** 2).mean(1, keepdim=True)
         return F.interpolate(err, size=image.shape[-2:], mode="bilinear", align_corners=False)
 
     def error_map(self, image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
         """The anomaly map (N, 300, 300): the raw error map, normalised as configured."""
-        err = self.raw_error_map(image, recon)
+        return self.normalise(self.raw_error_map(image, recon))
+
+    def normalise(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw error maps (N, 300, 300) -> the anomaly maps, as configured."""
         if self.config.error_normalisation == "zscore":
-            err = F.relu((err - self.error_mean) / self.error_std)
-        return err
+            return F.relu((raw - self.error_mean) / self.error_std)
+        return raw
+
+    def errors(self, amap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Anomaly maps (N, 300, 300) -> (e0 (N), e1..e9 (N, 9))."""
+        reduce = tiler.tile_means if self.config.tile_error == "mean" else tiler.tile_maxima
+        return amap.mean((1, 2)), reduce(amap, GRID, GRID)
 
     @torch.no_grad()
+    def raw_error_maps(
+        self,
+        images: torch.Tensor,
+        spaces: tuple[ErrorSpace, ...] | None = None,
+        batch: int = 16,
+        progress: Callable[[int], object] | None = None,
+    ) -> dict[ErrorSpace, torch.Tensor]:
+        """The raw error maps (N, 300, 300) of ``images`` in each of ``spaces``
+        (the configured one by default), each image reconstructed once on the
+        model's device, the maps on the images' (``progress`` is told each
+        batch's images)."""
+        spaces = spaces or (self.error_space(),)
+        device = self.kernel.device
+        parts: dict[ErrorSpace, list[torch.Tensor]] = {space: [] for space in spaces}
+        for x in images.split(batch):
+            x_on = x.to(device)
+            recon = self.reconstruct(x_on)
+            for space in spaces:
+                parts[space].append(self.raw_error_map(x_on, recon, space).to(x.device))
+            if progress is not None:
+                progress(len(x))
+        return {space: torch.cat(maps) for space, maps in parts.items()}
+
     def fit_error_statistics(
         self,
         images: torch.Tensor,
@@ -164,19 +200,21 @@ class PWAE(nn.Module):
     ) -> None:
         """Per-pixel mean and floored std of the raw error map over ``images``
         (``progress`` is told each batch's images)."""
-        parts = []
-        for x in images.split(batch):
-            parts.append(self.raw_error_map(x, self.reconstruct(x)))
-            if progress is not None:
-                progress(len(x))
-        maps = torch.cat(parts)
+        (maps,) = self.raw_error_maps(images, batch=batch, progress=progress).values()
+        self.set_error_statistics(maps)
+
+    def set_error_statistics(self, maps: torch.Tensor) -> None:
+        """The z-score's per-pixel mean and floored std from raw error maps (N, 300, 300)."""
         std = maps.std(0)
         self.error_mean.copy_(maps.mean(0))
         self.error_std.copy_(std.clamp_min(self.config.error_std_floor * float(std.mean())))
 
-    def raw_error_map(self, image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """Per-pixel squared error, mean over channels, Gaussian-smoothed: (N, 300, 300)."""
-        if self.config.error_space == "feature":
+    def raw_error_map(
+        self, image: torch.Tensor, recon: torch.Tensor, space: ErrorSpace | None = None
+    ) -> torch.Tensor:
+        """Per-pixel squared error in ``space`` (the configured one by
+        default), mean over channels, Gaussian-smoothed: (N, 300, 300)."""
+        if (space or self.error_space()) == "feature":
             err = self.feature_error(image, recon)
         else:
             err = ((image - recon) ** 2).mean(1, keepdim=True)
@@ -184,15 +222,23 @@ class PWAE(nn.Module):
             err = separable_blur(err, self.kernel, "reflect")  # type: ignore[arg-type]
         return err[:, 0]
 
+    def error_space(self) -> ErrorSpace:
+        """The space the error is measured in; "auto" must have been settled."""
+        if self.config.error_space == "auto":
+            raise ValueError(
+                "error_space='auto' is settled after training, on held-out images "
+                "(model_export/pwae/error_space.py); this model's has not been"
+            )
+        return self.config.error_space
+
     def reconstruct(self, image: torch.Tensor) -> torch.Tensor:
         """Image (N, 3, 300, 300) -> its reconstruction, tiles in their true order."""
         return self.decode(self.encode(self.tiles(image)))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        recon = self.reconstruct(image)
-        amap = self.error_map(image, recon)
-        reduce = tiler.tile_means if self.config.tile_error == "mean" else tiler.tile_maxima
-        return amap.mean((1, 2)), reduce(amap, GRID, GRID), amap
+        amap = self.error_map(image, self.reconstruct(image))
+        e0, tiles = self.errors(amap)
+        return e0, tiles, amap
 
 
 def to_onnx(model: PWAE) -> bytes:

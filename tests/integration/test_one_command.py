@@ -71,12 +71,14 @@ def test_one_command_on_a_plain_folder_then_again_then_otherwise(
     assert "promise a false-reject rate on new good parts of at most 33.33% expected" in summary
     assert "above the 1.00% target" in summary
     # The log: the encoder named once, nothing printed by the library, the
-    # bar through every pass (10 features + 2 x 8 steps + 10 statistics) to 100%.
+    # bar through every pass (10 features + 2 x 8 steps) to 100%, then the
+    # error space settled on validation (its statistics fitted there).
     assert "Loaded pretrained" not in out + err
     assert out.count("encoder: efficientnet_lite0, ImageNet, from the") == 1
     assert "input: normalised with mean (0.485, 0.456, 0.406)" in out
-    assert "pwae fitting per-pixel error statistics on the 10 images" in out
-    assert "100%" in err and "36/36" in err
+    assert "100%" in err and "26/26" in err
+    space = meta.model_info["error_space"]
+    assert f"pwae settled error_space={str(space).split()[0]} on validation (" in out
     assert "done: models/photos-pwae/1;" in out
     seconds = torch.load(work / "checkpoint.pt", weights_only=False)["train_seconds"]
     assert meta.model_info["train_seconds"] == round(seconds, 1)

@@ -14,6 +14,7 @@ import torch
 from model_export import cli, paired_validation
 from model_export.data import split_train
 from model_export.pwae import PAPER
+from model_export.pwae.error_space import SPACES
 from service.artifact import load_artifact
 from service.preprocessing import prepare
 from tests.helpers.synthetic import write_category
@@ -70,6 +71,11 @@ def test_synthetic_end_to_end_through_the_artifact_loader(synthetic: Path, tmp_p
     assert meta.calibration.target_fpr == 0.01 and meta.calibration.holdout_images == len(held_out)
     assert len(held_out) >= 2
     assert meta.evaluation is not None and meta.evaluation.defective_images == 6
+    # The error space was settled on validation after training, and says so.
+    pixel, feature = (float(meta.model_info[f"error_space_{s}_validation_auroc"]) for s in SPACES)
+    assert str(meta.model_info["error_space"]).startswith(
+        "pixel" if pixel >= feature else "feature"
+    )
     per_image = json.loads((out / "evaluation.json").read_text())
     assert len(per_image) == 10
     # The served graph gives the offline errors for the same image, via the same preprocessing.

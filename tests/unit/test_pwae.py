@@ -11,6 +11,7 @@ import torch
 
 from model_export.backbones import ResNet50, resnet50
 from model_export.pwae import (
+    FEATURE_ERROR,
     PAPER,
     PWAE,
     PWAEConfig,
@@ -102,9 +103,34 @@ def test_paper_preset_keeps_the_papers_recipe() -> None:
     assert {k for k in default if default[k] != paper[k]} == {
         "latent_channels",
         "swd_on",
+        "error_space",
         "error_normalisation",
         "tile_error",
     }
+
+
+def test_a_config_from_before_the_feature_tap_setting_reads_as_stride_8() -> None:
+    whole = FEATURE_ERROR.to_dict()
+    del whole["error_feature_stride"]
+    assert PWAEConfig.from_dict(whole).error_feature_stride == 8
+    # Settings over the defaults (the command line's --set) keep the default tap.
+    assert PWAEConfig.from_dict({"error_space": "feature"}).error_feature_stride == 16
+
+
+def test_where_the_error_is_measured_does_not_change_what_is_trained() -> None:
+    # The training draws (initial weights, shuffles, permutations, SWD
+    # projections) come from the same random state whatever the error space.
+    def after_build(cfg: PWAEConfig) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        torch.manual_seed(0)
+        model = PWAE(cfg)
+        trained = {k: v for k, v in model.state_dict().items() if not k.startswith("perceptual.")}
+        return trained, torch.rand(8)
+
+    pixel, next_pixel = after_build(PWAEConfig(permutations=24, error_space="pixel"))
+    feature, next_feature = after_build(PWAEConfig(permutations=24, error_space="feature"))
+    assert pixel.keys() == feature.keys()
+    assert all(torch.equal(pixel[k], feature[k]) for k in pixel)
+    assert torch.equal(next_pixel, next_feature)
 
 
 @pytest.mark.parametrize("error_space", ["pixel", "feature"])
@@ -184,7 +210,10 @@ def test_pwae_on_resnet50(tmp_path: Path) -> None:
     torch.manual_seed(0)
     torch.save(ResNet50().state_dict(), tmp_path / "r50.pth")
     cfg = PWAEConfig(
-        backbone="resnet50", backbone_weights=str(tmp_path / "r50.pth"), permutations=24
+        backbone="resnet50",
+        backbone_weights=str(tmp_path / "r50.pth"),
+        permutations=24,
+        error_space="pixel",
     )
     model = PWAE(cfg).eval()
     with torch.no_grad():
@@ -209,7 +238,12 @@ def test_zscore_maps_and_peak_tile_errors_through_onnx() -> None:
     rng = np.random.default_rng(0)
     parts = [good_image(rng) for _ in range(6)]
     cfg = PWAEConfig(
-        permutations=24, epochs=2, batch_size=3, error_normalisation="zscore", tile_error="peak"
+        permutations=24,
+        epochs=2,
+        batch_size=3,
+        error_space="pixel",
+        error_normalisation="zscore",
+        tile_error="peak",
     )
     model, _ = fit(cfg, [_part_tensor(p) for p in parts])
     # Statistics of the training images' raw maps, the std floored above zero.

@@ -305,7 +305,7 @@ def test_the_pretrained_encoder_prints_nothing() -> None:
 def test_pwae_progress_counts_every_pass_and_ends_at_its_total() -> None:
     import torch
 
-    cfg = pwae.PWAEConfig(permutations=24, epochs=2, batch_size=2)
+    cfg = pwae.PWAEConfig(permutations=24, epochs=2, batch_size=2, error_space="pixel")
     images = [torch.randn(3, 300, 300, generator=torch.Generator().manual_seed(i))
               for i in range(5)]  # fmt: skip
     ticks: list[int] = []
@@ -314,3 +314,10 @@ def test_pwae_progress_counts_every_pass_and_ends_at_its_total() -> None:
     # 5 (features) + 2 epochs x 4 (two whole batches of 2) + 5 (error statistics)
     assert pwae.progress_total(cfg, 5) == sum(ticks) == 18
     assert stages == ["fitting per-pixel error statistics on the 5 images (once, after the epochs)"]
+    # error_space="auto" fits its statistics when the space is settled, after fit().
+    auto = cfg.model_copy(update={"error_space": "auto"})
+    ticks.clear()
+    stages.clear()
+    pwae.fit(auto, images, progress=ticks.append, on_stage=stages.append)
+    assert pwae.progress_total(auto, 5) == sum(ticks) == 13
+    assert stages == []

@@ -119,14 +119,14 @@ def _images(n: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize(
     "config",
     [
-        pwae.PWAEConfig(permutations=24, epochs=1, batch_size=2),
+        pwae.PWAEConfig(permutations=24, epochs=1, batch_size=2, error_space="feature"),
         # The paper's recipe (prior on the whole map, raw error, tile means),
         # with the encoder fine-tuned so batches go through it.
         pwae.PAPER.model_copy(
             update={"permutations": 24, "epochs": 1, "batch_size": 2, "freeze_encoder": False}
         ),
     ],
-    ids=["default", "paper-finetuned"],
+    ids=["feature-error", "paper-finetuned"],
 )
 def test_pwae_training_and_scoring_stay_on_the_input_device(config: pwae.PWAEConfig) -> None:
     records: list[dict[str, Any]] = []

@@ -1,0 +1,98 @@
+"""Settling ``error_space="auto"``: where P-WAE's reconstruction error is
+measured, chosen for each category on its own validation after training.
+
+Neither space wins everywhere (docs/pwae-experiments.md, "Where the error is
+measured"): on the bottle, whose reconstruction is close, the pixel error
+separates synthetic defects better; on the magnetic tiles, whose texture the
+decoder blurs in every pixel, features at stride 16 do. A user's own part is
+neither, so the trained model is scored both ways on the held-out good images
+against the same images with synthetic defects (model_export/validation.py),
+and the space with the higher AUROC is kept; a tie keeps the paper's pixels.
+
+The score is max_k(e_k / s_k) with s_k the fit images' median error k: the
+ranking the calibrated rule gives at any target (its thresholds are t * s_k).
+The defects are drawn with another seed than ``calibrate``'s validation, so
+the validation figure it reports is on defects this choice never saw; the
+held-out good images are the same (they are all the category has), which is
+why the choice is between two candidates only. No test image is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, get_args
+
+import numpy as np
+import torch
+
+from model_export.data import load_tensor
+from model_export.device import module_device
+from model_export.pwae.config import ErrorSpace
+from model_export.pwae.model import PWAE
+from model_export.validation import synthetic_defectives
+from service.calibration import error_scales, rule_score
+from service.contract import Codec, InputSpec
+
+SPACES: tuple[ErrorSpace, ...] = get_args(ErrorSpace)  # pixel first: it wins ties
+# Added to the split seed: calibrate's validation draws its defects with the seed itself.
+DEFECT_SEED_OFFSET = 1
+
+
+def settle(
+    model: PWAE,
+    images: Sequence[torch.Tensor],
+    holdout: Sequence[Path],
+    spec: InputSpec,
+    seed: int,
+    codec: Codec | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> tuple[PWAE, dict[str, Any]]:
+    """The trained ``model`` with its error space settled, and the record of
+    the choice ({} where the config named a space): ``images`` are the fit
+    images it was trained on, ``holdout`` the held-out ones."""
+    if model.config.error_space != "auto":
+        return model, {}
+    held = torch.stack([load_tensor(p, spec, codec) for p in holdout])
+    defective = torch.stack(
+        synthetic_defectives(holdout, seed + DEFECT_SEED_OFFSET, 2, spec, codec)
+    )
+    maps = {
+        part: model.raw_error_maps(x, SPACES, progress=progress)
+        for part, x in (("fit", torch.stack(list(images))), ("held", held), ("bad", defective))
+    }
+    device = module_device(model)
+    state = model.state_dict()
+    candidates: dict[ErrorSpace, PWAE] = {}
+    aurocs: dict[ErrorSpace, float] = {}
+    for space in SPACES:
+        candidate = PWAE(model.config.model_copy(update={"error_space": space}), model.encoder)
+        own = candidate.state_dict()
+        candidate.load_state_dict({k: v for k, v in state.items() if k in own})
+        candidate.cpu().eval()
+        if candidate.config.error_normalisation == "zscore":
+            candidate.set_error_statistics(maps["fit"][space])
+        errs = {part: _errors(candidate, m[space]) for part, m in maps.items()}
+        aurocs[space] = _auroc(errs["held"], errs["bad"], error_scales(errs["fit"]))
+        candidates[space] = candidate
+    chosen = max(SPACES, key=lambda s: aurocs[s])  # the first of equals: pixel
+    return candidates[chosen].to(device), {
+        "settings": {"error_space": chosen},
+        "figures": {f"error_space_{s}_validation_auroc": round(a, 4) for s, a in aurocs.items()},
+        "defect_seed": seed + DEFECT_SEED_OFFSET,
+        "held_out_images": len(held),
+        "defective_images": len(defective),
+    }
+
+
+@torch.no_grad()
+def _errors(model: PWAE, raw: torch.Tensor) -> np.ndarray:
+    e0, tiles = model.errors(model.normalise(raw))
+    return torch.cat([e0[:, None], tiles], 1).numpy()
+
+
+def _auroc(good: np.ndarray, bad: np.ndarray, scales: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]
+    return float(roc_auc_score(labels, np.r_[rule_score(good, scales), rule_score(bad, scales)]))

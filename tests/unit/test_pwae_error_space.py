@@ -1,0 +1,83 @@
+"""error_space="auto": the space is settled on validation after training, and
+the settled model scores as its own graph does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from model_export.data import load_tensor
+from model_export.pwae import PWAE, PWAEConfig
+from model_export.pwae.error_space import DEFECT_SEED_OFFSET, SPACES, settle
+from model_export.validation import synthetic_defectives
+from service.calibration import error_scales, rule_score
+from service.contract import InputSpec
+from tests.helpers.synthetic import good_image
+
+SPEC = InputSpec()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[torch.Tensor], list[Path]]:
+    folder = tmp_path_factory.mktemp("good")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(9):
+        path = folder / f"{i:03d}.png"
+        cv2.imwrite(str(path), cv2.cvtColor(good_image(rng), cv2.COLOR_RGB2BGR))
+        paths.append(path)
+    return [load_tensor(p, SPEC) for p in paths[:6]], paths[6:]
+
+
+def _model(space: str) -> PWAE:
+    torch.manual_seed(0)
+    return PWAE(PWAEConfig(permutations=24, error_space=space)).eval()  # type: ignore[arg-type]
+
+
+def test_a_named_space_is_left_as_it_is(images: tuple[list[torch.Tensor], list[Path]]) -> None:
+    fit, held = images
+    model = _model("pixel")
+    settled, record = settle(model, fit, held, SPEC, seed=0)
+    assert settled is model and record == {}
+
+
+def test_auto_keeps_the_space_with_the_higher_validation_auroc(
+    images: tuple[list[torch.Tensor], list[Path]],
+) -> None:
+    fit, held = images
+    auto = _model("auto")
+    with pytest.raises(ValueError, match="settled after training"):
+        auto(fit[0][None])
+    settled, record = settle(auto, fit, held, SPEC, seed=3)
+    aurocs = {s: record["figures"][f"error_space_{s}_validation_auroc"] for s in SPACES}
+    best = max(aurocs.values())
+    chosen = next(s for s in SPACES if aurocs[s] == best)  # ties: pixel, the first
+    assert record["settings"] == {"error_space": chosen}
+    assert settled.config.error_space == chosen
+    assert record["defect_seed"] == 3 + DEFECT_SEED_OFFSET
+    assert (record["held_out_images"], record["defective_images"]) == (3, 6)
+    # The settled model, run as its graph runs (forward), gives the figure the choice recorded:
+    # its per-pixel statistics are those of the fit images, its errors those the choice scored.
+    refit = PWAE(settled.config, settled.encoder).eval()
+    refit.load_state_dict(settled.state_dict())
+    refit.fit_error_statistics(torch.stack(fit))
+    torch.testing.assert_close(refit.error_mean, settled.error_mean)
+    torch.testing.assert_close(refit.error_std, settled.error_std)
+    with torch.no_grad():
+
+        def errors(x: torch.Tensor) -> np.ndarray:
+            e0, tiles, _ = settled(x)
+            return torch.cat([e0[:, None], tiles], 1).numpy()
+
+        scales = error_scales(errors(torch.stack(fit)))
+        good = rule_score(errors(torch.stack([load_tensor(p, SPEC) for p in held])), scales)
+        bad_x = torch.stack(synthetic_defectives(held, record["defect_seed"], 2, SPEC))
+        bad = rule_score(errors(bad_x), scales)
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]
+    assert roc_auc_score(labels, np.r_[good, bad]) == pytest.approx(aurocs[chosen], abs=1e-4)
