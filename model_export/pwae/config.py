@@ -63,6 +63,11 @@ class PWAEConfig(BaseModel):
     lr: float = 0.01
     momentum: float = 0.9
     epochs: int = Field(30, ge=1)
+    # Each training step shows each image as it is or mirrored left-right,
+    # drawn at random (the frozen encoder's features are cached for both
+    # views); the served image is never mirrored. For parts whose mirror
+    # image is still a good part.
+    augment_hflip: bool = False
     batch_size: int = Field(8, ge=2)  # the SWD compares distributions: >= 2 codes per tile
     error_sigma: float = Field(4.0, ge=0)
     # Where the reconstruction error is measured. "pixel": the paper's L2 in
@@ -108,11 +113,18 @@ class PWAEConfig(BaseModel):
     def from_dict(cls, raw: dict[str, Any]) -> PWAEConfig:
         """The config ``to_dict`` wrote, or settings over the defaults. A
         whole config written before the feature error's tap was a setting
-        (every field but that one) measured it at stride 8, the only tap then."""
+        (every field but that one and later ones) measured it at stride 8,
+        the only tap then."""
         raw = dict(raw)
-        if set(cls.model_fields) - set(raw) == {"error_feature_stride"}:
+        missing = set(cls.model_fields) - set(raw)
+        if "error_feature_stride" in missing and missing <= _SINCE_FEATURE_TAP:
             raw["error_feature_stride"] = 8
         return cls.model_validate(raw)
+
+
+# Fields added since the feature error's tap became a setting (defaults that
+# keep what an older config trained), and that setting itself.
+_SINCE_FEATURE_TAP = {"error_feature_stride", "augment_hflip"}
 
 
 # The defaults are the recipe chosen on held-out images with synthetic

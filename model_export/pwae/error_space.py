@@ -12,9 +12,12 @@ and the space with the higher AUROC is kept; a tie keeps the paper's pixels.
 The score is max_k(e_k / s_k) with s_k the fit images' median error k: the
 ranking the calibrated rule gives at any target (its thresholds are t * s_k).
 The defects are drawn with another seed than ``calibrate``'s validation, so
-the validation figure it reports is on defects this choice never saw; the
-held-out good images are the same (they are all the category has), which is
-why the choice is between two candidates only. No test image is read.
+the validation figure it reports is on defects this choice never saw. The
+held-out good images are the same ones ``calibrate`` sets the thresholds on
+(they are all the category has): the conformal promise holds for either
+space on its own, and picking one of two with those images can at worst
+double it (a union bound over the two), which is why there are only two
+candidates. No test image is read.
 """
 
 from __future__ import annotations

@@ -29,10 +29,16 @@ def progress_total(config: PWAEConfig, n: int) -> int:
     """Images :func:`fit` reports to ``progress`` over a whole training of
     ``n`` images: the frozen encoder's feature pass, every epoch's steps, and
     the pass that fits the per-pixel error statistics, so a bar ends at 100%."""
-    features = n if config.freeze_encoder else 0
+    features = n * len(_views(config)) if config.freeze_encoder else 0
     # error_space="auto" fits its statistics when it is settled (error_space.py).
     statistics = n if config.error_normalisation == "zscore" and config.error_space != "auto" else 0
     return features + config.epochs * images_per_epoch(config, n) + statistics
+
+
+def _views(config: PWAEConfig) -> tuple[bool, ...]:
+    """The views of an image training draws from: as it is, and mirrored
+    left-right where ``augment_hflip``."""
+    return (False, True) if config.augment_hflip else (False,)
 
 
 class PWAEFitting:
@@ -54,22 +60,28 @@ class PWAEFitting:
         self.steps_per_epoch = max(1, len(self.x_all) // config.batch_size)
 
     def prepare(self, progress: trainer.Progress) -> int | None:
-        """The frozen encoder's features of every tile, computed once (its
-        features do not change); a fine-tuned encoder has no such pass."""
+        """The frozen encoder's features of every tile of every view, computed
+        once (its features do not change): (views, N, 9, C, h, w); a
+        fine-tuned encoder has no such pass."""
         if not self.config.freeze_encoder:
             return None
         model, x_all = self.model, self.x_all
+        views = []
         with torch.no_grad():
-            tiles = model.tiles(x_all)
-            chunks = []
-            for t in tiles.split(16):
-                chunks.append(model.encoder(t.reshape(-1, 3, TILE, TILE)))
-                if progress is not None:
-                    progress(len(t))
-            self.feats_all = torch.cat(chunks).reshape(
-                len(x_all), GRID * GRID, model.encoder.channels, model.cells, model.cells
-            )
-        return len(x_all)
+            for mirrored in _views(self.config):
+                tiles = model.tiles(x_all.flip(-1) if mirrored else x_all)
+                chunks = []
+                for t in tiles.split(16):
+                    chunks.append(model.encoder(t.reshape(-1, 3, TILE, TILE)))
+                    if progress is not None:
+                        progress(len(t))
+                views.append(
+                    torch.cat(chunks).reshape(
+                        len(x_all), GRID * GRID, model.encoder.channels, model.cells, model.cells
+                    )
+                )
+        self.feats_all = torch.stack(views)
+        return len(x_all) * len(views)
 
     def images_per_epoch(self) -> int:
         return images_per_epoch(self.config, len(self.x_all))
@@ -88,8 +100,12 @@ class PWAEFitting:
             for group in opt.param_groups:
                 group["lr"] = lr_at(config, (epoch * steps + s) / total_steps)
             perm_idx = torch.randint(config.permutations, (len(idx),), generator=gen)
-            feats = None if self.feats_all is None else self.feats_all[idx]
-            parts = losses(model, self.x_all[idx], feats, perm_idx, gen)
+            image, view = self.x_all[idx], torch.zeros_like(idx)
+            if config.augment_hflip:  # drawn only then: the default's draws stay as they were
+                view = torch.randint(2, (len(idx),), generator=gen).to(self.device)
+                image = torch.where(view.bool().view(-1, 1, 1, 1), image.flip(-1), image)
+            feats = None if self.feats_all is None else self.feats_all[view, idx]
+            parts = losses(model, image, feats, perm_idx, gen)
             opt.zero_grad(set_to_none=True)
             parts["total"].backward()
             opt.step()

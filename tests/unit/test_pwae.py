@@ -19,6 +19,7 @@ from model_export.pwae import (
     losses,
     lr_at,
     permutation_set,
+    progress_total,
     random_projections,
     sample_student_t,
     sliced_wasserstein,
@@ -113,6 +114,9 @@ def test_a_config_from_before_the_feature_tap_setting_reads_as_stride_8() -> Non
     whole = FEATURE_ERROR.to_dict()
     del whole["error_feature_stride"]
     assert PWAEConfig.from_dict(whole).error_feature_stride == 8
+    del whole["augment_hflip"]  # older still: written before mirroring was a setting
+    older = PWAEConfig.from_dict(whole)
+    assert older.error_feature_stride == 8 and not older.augment_hflip
     # Settings over the defaults (the command line's --set) keep the default tap.
     assert PWAEConfig.from_dict({"error_space": "feature"}).error_feature_stride == 16
 
@@ -266,3 +270,22 @@ def test_zscore_maps_and_peak_tile_errors_through_onnx() -> None:
     got = sess.run(None, {"image": x.numpy()})
     for g, w in zip(got, (e0, tiles, amap), strict=True):
         np.testing.assert_allclose(g, w.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_mirror_augmentation_caches_both_views_and_counts_them() -> None:
+    from model_export.pwae.fit import PWAEFitting
+
+    images = [torch.randn(3, 300, 300, generator=_gen(i)) for i in range(3)]
+    cfg = PWAEConfig(permutations=24, epochs=1, batch_size=2, augment_hflip=True)
+    fitting = PWAEFitting(cfg, images, torch.device("cpu"))
+    ticks: list[int] = []
+    assert fitting.prepare(ticks.append) == 6 == sum(ticks)
+    assert fitting.feats_all is not None and fitting.feats_all.shape[:3] == (2, 3, 9)
+    with torch.no_grad():
+        x = torch.stack(images).flip(-1)
+        mirrored = fitting.model.encoder(fitting.model.tiles(x).reshape(-1, 3, 100, 100))
+    torch.testing.assert_close(fitting.feats_all[1].reshape(mirrored.shape), mirrored)
+    assert progress_total(cfg, 3) == 2 * 3 + 1 * 2  # both views' features, one epoch's steps
+    # Off, nothing changes: one view, and the epoch draws as before.
+    plain = cfg.model_copy(update={"augment_hflip": False})
+    assert progress_total(plain, 3) == 3 + 2
