@@ -33,8 +33,8 @@ from model_export.data import load_tensor
 from model_export.device import module_device
 from model_export.pwae.config import ErrorSpace
 from model_export.pwae.model import PWAE
-from model_export.validation import synthetic_defectives
-from service.calibration import error_scales, rule_score
+from model_export.validation import synthetic_defectives, validation_figures
+from service.calibration import error_scales
 from service.contract import Codec, InputSpec
 
 SPACES: tuple[ErrorSpace, ...] = get_args(ErrorSpace)  # pixel first: it wins ties
@@ -76,7 +76,9 @@ def settle(
         if candidate.config.error_normalisation == "zscore":
             candidate.set_error_statistics(maps["fit"][space])
         errs = {part: _errors(candidate, m[space]) for part, m in maps.items()}
-        aurocs[space] = _auroc(errs["held"], errs["bad"], error_scales(errs["fit"]))
+        # The scales in the place of eps: the same ranking (see the module doc).
+        figures = validation_figures(errs["held"], errs["bad"], error_scales(errs["fit"]))
+        aurocs[space] = figures["synthetic_auroc"]
         candidates[space] = candidate
     chosen = max(SPACES, key=lambda s: aurocs[s])  # the first of equals: pixel
     return candidates[chosen].to(device), {
@@ -92,10 +94,3 @@ def settle(
 def _errors(model: PWAE, raw: torch.Tensor) -> np.ndarray:
     e0, tiles = model.errors(model.normalise(raw))
     return torch.cat([e0[:, None], tiles], 1).numpy()
-
-
-def _auroc(good: np.ndarray, bad: np.ndarray, scales: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]
-    return float(roc_auc_score(labels, np.r_[rule_score(good, scales), rule_score(bad, scales)]))
