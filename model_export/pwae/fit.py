@@ -30,9 +30,15 @@ def progress_total(config: PWAEConfig, n: int) -> int:
     ``n`` images: the frozen encoder's feature pass, every epoch's steps, and
     the pass that fits the per-pixel error statistics, so a bar ends at 100%."""
     features = n * len(_views(config)) if config.freeze_encoder else 0
-    # error_space="auto" fits its statistics when it is settled (error_space.py).
-    statistics = n if config.error_normalisation == "zscore" and config.error_space != "auto" else 0
+    statistics = n if _fits_statistics(config) else 0
     return features + config.epochs * images_per_epoch(config, n) + statistics
+
+
+def _fits_statistics(config: PWAEConfig) -> bool:
+    """Whether fitting ends with the per-pixel error statistics: z-scored
+    errors, in a space already named (error_space="auto" fits them when it is
+    settled, model_export/pwae/error_space.py)."""
+    return config.error_normalisation == "zscore" and config.error_space != "auto"
 
 
 def _views(config: PWAEConfig) -> tuple[bool, ...]:
@@ -125,7 +131,7 @@ class PWAEFitting:
     def finish(self, progress: trainer.Progress, on_stage: Callable[[str], object] | None) -> None:
         """Eval mode, and the per-pixel error statistics where the errors are z-scores."""
         self.model.eval()
-        if self.config.error_normalisation == "zscore" and self.config.error_space != "auto":
+        if _fits_statistics(self.config):
             if on_stage is not None:
                 on_stage(
                     f"fitting per-pixel error statistics on the {len(self.x_all)} images "
