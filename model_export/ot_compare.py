@@ -1,6 +1,6 @@
 """Side-by-side report of exported model versions: quality, speed, size.
 
-    python -m model_export.ot_compare models/bottle-pwae/5 models/bottle-otproto/4 \\
+    python -m model_export.ot_compare models/bottle-pwae/5 models/bottle-otproto/5 \\
         runs/export/mt-otproto/1 ... --out docs/model-comparison.md
 
 Quality figures come from each artifact's metadata (``evaluation.metrics``,

@@ -67,14 +67,14 @@ from model_export.ot_prototypes.model import (
     MultiScaleFeatures,
     OTPrototypesModel,
     PrototypeMember,
-    efficientnet_lite0_blocks,
+    frozen_encoder,
     to_onnx,
 )
 
 __all__ = [
     "FIRST_ENSEMBLE", "IMAGE_SIZE", "OPSET", "SCALES", "MemberConfig", "MemberFitting",
     "MultiScaleFeatures", "OTFitting", "OTPrototypesConfig", "OTPrototypesModel",
-    "PrototypeMember", "barycentres",
-    "efficientnet_lite0_blocks", "ema_update", "extract_features", "feature_cost", "fit",
-    "fit_member", "grid_positions", "progress_total", "spatial_cost", "to_onnx", "transport_cost",
+    "PrototypeMember", "barycentres", "ema_update", "extract_features", "feature_cost", "fit",
+    "fit_member", "frozen_encoder", "grid_positions", "progress_total", "spatial_cost", "to_onnx",
+    "transport_cost",
 ]  # fmt: skip

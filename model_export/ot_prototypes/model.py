@@ -24,14 +24,14 @@ from model_export.ot_prototypes.cost import grid_positions, transport_cost
 from service import tiler
 
 
-def efficientnet_lite0_blocks() -> nn.Module:
-    """The shared pretrained EfficientNet-Lite0 (model_export.backbones), whole, frozen.
+def frozen_encoder(name: str = "efficientnet_lite0") -> nn.Module:
+    """A shared pretrained EfficientNet-Lite (model_export.backbones), whole, frozen.
 
     Its static 'same' padding is set for the 300x300 image this family sees.
     """
-    from model_export.backbones import efficientnet_lite0
+    from model_export.backbones import efficientnet_lite
 
-    encoder = efficientnet_lite0(IMAGE_SIZE, stride=32)
+    encoder = efficientnet_lite(name, IMAGE_SIZE, stride=32)
     encoder.eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
@@ -41,18 +41,23 @@ def efficientnet_lite0_blocks() -> nn.Module:
 class MultiScaleFeatures(nn.Module):
     """Frozen encoder -> one (N, C, h, w) patch-feature map per requested scale."""
 
-    def __init__(self, encoder: nn.Module, scales: Sequence[str]) -> None:
+    def __init__(self, encoder: nn.Module, scales: Sequence[str], backbone: str) -> None:
         super().__init__()
+        from model_export.backbones import LITE_STAGES
+
         self.scales = tuple(dict.fromkeys(scales))
-        taps = sorted({i for s in self.scales for i in SCALES[s]})
+        stage_end = [last for last, _ in LITE_STAGES[backbone]]
+        # scale -> the block indices it taps
+        self.scale_taps = {s: tuple(stage_end[t - 1] for t in SCALES[s]) for s in self.scales}
+        taps = sorted({i for s in self.scales for i in self.scale_taps[s]})
         self.last = max(taps)
         self.taps = taps
-        # backbones.Encoder's body: stem conv, BN, activation, then the 16
-        # MBConv blocks; the taps index those blocks.
+        # backbones.Encoder's body: stem conv, BN, activation, then the MBConv
+        # blocks; the taps index those blocks.
         seq: Any = getattr(encoder, "body", None)
         body = list(seq.children()) if isinstance(seq, nn.Sequential) else []
-        if len(body) != 3 + 16:
-            raise ValueError("expected model_export.backbones' EfficientNet-Lite0 up to stride 32")
+        if len(body) != 3 + stage_end[-1] + 1:
+            raise ValueError(f"expected model_export.backbones' {backbone} up to stride 32")
         self.stem = nn.Sequential(*body[:3])
         self.blocks = nn.ModuleList(body[3 : 3 + self.last + 1])
         self.eval()
@@ -68,7 +73,7 @@ class MultiScaleFeatures(nn.Module):
                 tapped[i] = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
         out: dict[str, torch.Tensor] = {}
         for s in self.scales:
-            first, *deeper = (tapped[i] for i in SCALES[s])
+            first, *deeper = (tapped[i] for i in self.scale_taps[s])
             resized = [
                 F.interpolate(d, size=first.shape[-2:], mode="bilinear", align_corners=False)
                 for d in deeper
@@ -127,8 +132,9 @@ class OTPrototypesModel(nn.Module):
         self.config = config
         self.rows, self.cols = rows, cols
         self.features = MultiScaleFeatures(
-            encoder if encoder is not None else efficientnet_lite0_blocks(),
+            encoder if encoder is not None else frozen_encoder(config.backbone),
             [m.scale for m in config.members],
+            config.backbone,
         )
         with torch.no_grad():
             probe = self.features(torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE))

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from model_export.backbones import BackboneName, InputNormalisation
+from model_export.backbones import BackboneName, InputNormalisation, LiteName
 
 IMAGE_SIZE = 300
 GRID = 3
@@ -82,8 +82,8 @@ class PWAEConfig(BaseModel):
     # what a deeper layer sees (docs/pwae-experiments.md, "Where the error
     # is measured").
     error_space: ErrorSpace | Literal["auto"] = "auto"
-    # The feature error's tap: 8 (EfficientNet-Lite0's block 4, 40 channels)
-    # or 16 (block 10, 112 channels).
+    # The feature error's tap: the end of the stride-8 or stride-16 stage of
+    # perceptual_backbone() (on Lite0, block 4, 40 channels, or block 10, 112).
     error_feature_stride: Literal[8, 16] = 16
     # "zscore": each pixel's error is standardised by the mean and standard
     # deviation of that pixel's error over the training images, then clipped
@@ -105,6 +105,12 @@ class PWAEConfig(BaseModel):
     # magnitude slower on a 2-core CPU (docs/pwae-experiments.md).
     w_perceptual: float = Field(0.0, ge=0)
     seed: int = 0
+
+    def perceptual_backbone(self) -> LiteName:
+        """The network the feature error is measured with: the encoder's own
+        where it is an EfficientNet-Lite, Lite0 beside a ResNet-50 (whose
+        features at 300x300 cost several times as much)."""
+        return "efficientnet_lite0" if self.backbone == "resnet50" else self.backbone
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

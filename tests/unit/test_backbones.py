@@ -101,3 +101,49 @@ def test_a_checkpoint_from_before_the_setting_reads_as_what_it_was_trained_on(
         path = tmp_path / f"{expected}.pt"
         torch.save({"family": "pwae", "config": config, "state_dict": state, "input": spec}, path)
         assert load_checkpoint(path)[1].input_normalisation == expected
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_the_stage_table_names_each_lite_stage_as_its_network_builds_it(name: str) -> None:
+    """LITE_STAGES is what the encoders truncate at and OT's scales tap: each
+    stage's last block has the channels the table says, the next block
+    (where there is one) starts another stage, and the strides are 2, 4, 8,
+    16, 16, 32, 32."""
+    from model_export.backbones import LITE_STAGES, efficientnet_lite
+
+    encoder = efficientnet_lite(name, 96, stride=32).eval()
+    blocks = list(encoder.body.children())[3:]
+    shapes = []
+    with torch.no_grad():
+        y = torch.nn.Sequential(*list(encoder.body.children())[:3])(torch.zeros(1, 3, 96, 96))
+        for block in blocks:
+            y = block(y)
+            shapes.append((y.shape[1], 96 // y.shape[-1]))
+    stages = LITE_STAGES[name]
+    assert stages[-1][0] == len(blocks) - 1
+    for (last, channels), stride in zip(stages, (2, 4, 8, 16, 16, 32, 32), strict=True):
+        assert shapes[last] == (channels, stride), (name, last)
+        if last + 1 < len(blocks):
+            assert shapes[last + 1][0] != channels, (name, last)
+    for stride, channels in ((8, stages[2][1]), (16, stages[4][1]), (32, stages[6][1])):
+        assert efficientnet_lite(name, 96, stride=stride).channels == channels
+
+
+def test_both_families_build_on_a_larger_lite_and_record_its_input() -> None:
+    from model_export.ot_prototypes import OTPrototypesConfig, OTPrototypesModel
+    from model_export.pwae import PWAE, PWAEConfig
+
+    ot = OTPrototypesModel(OTPrototypesConfig(backbone="efficientnet_lite2")).eval()
+    with torch.no_grad():
+        feats = ot.features(torch.zeros(1, 3, 300, 300))
+    # stride-8 + stride-16 stages, 48 + 120 channels; 120 + 208; 208
+    assert {s: tuple(f.shape[1:]) for s, f in feats.items()} == {
+        "s8": (168, 38, 38),
+        "s16": (328, 19, 19),
+        "s32": (208, 10, 10),
+    }
+    pwae = PWAE(PWAEConfig(backbone="efficientnet_lite2", error_space="feature"))
+    assert pwae.encoder.channels == 120
+    assert pwae.perceptual is not None and pwae.perceptual.channels == 120
+    assert PWAEConfig(backbone="resnet50").perceptual_backbone() == "efficientnet_lite0"
+    assert pretrained_cfg("efficientnet_lite2").input_size == (3, 260, 260)

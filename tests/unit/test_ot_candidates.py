@@ -66,4 +66,6 @@ def test_a_sweep_fits_every_candidate_on_the_split_and_scores_both_splits(tmp_pa
     for row in result["candidates"]:
         assert 0.0 <= row["validation_auroc"] <= 1.0 and 0.0 <= row["test_auroc"] <= 1.0
         assert row["config"]["members"][0]["scale"] == "s32"
+        # The recorded sweep's encoder, whatever the family's default is now.
+        assert row["config"]["backbone"] == result["backbone"] == "efficientnet_lite0"
     assert choose([result]) in {"one", "two"}

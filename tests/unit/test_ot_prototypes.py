@@ -135,8 +135,16 @@ def test_the_config_reads_what_the_earlier_dataclass_config_wrote() -> None:
     assert cfg.members == (MemberConfig("s8", 0.0, 4), MemberConfig("s16", 0.5, 16))
     # A field it did not have takes today's default (a checkpoint of that time
     # records what it was trained on: families.load_checkpoint).
-    expected = {**written, "members": list(written["members"]), "input_normalisation": "backbone"}  # type: ignore[call-overload]
+    # The backbone is the one it was fitted on, the only one then.
+    expected = {**written, "members": list(written["members"]), "input_normalisation": "backbone",
+                "backbone": "efficientnet_lite0"}  # type: ignore[call-overload]  # fmt: skip
     assert cfg.to_dict() == expected
+    # A whole config of today's form without the backbone: Lite0 too; settings
+    # over the defaults (the command line's) take today's default.
+    whole = OTPrototypesConfig().to_dict()
+    del whole["backbone"]
+    assert OTPrototypesConfig.from_dict(whole).backbone == "efficientnet_lite0"
+    assert OTPrototypesConfig.from_dict({"epochs": 2}).backbone == "efficientnet_lite2"
     # No members: the ensemble that was the default then, whatever today's is.
     first = OTPrototypesConfig(members=FIRST_ENSEMBLE)
     assert OTPrototypesConfig.from_dict({"members": ()}) == first
