@@ -80,7 +80,11 @@ def _pwae() -> Family:
             "epochs": cfg.epochs,
             "swd_on": cfg.swd_on,
             "error_space": cfg.error_space
-            + (f" (stride {cfg.error_feature_stride})" if cfg.error_space == "feature" else ""),
+            + (
+                f" ({cfg.error_backbone}, stride {cfg.error_feature_stride})"
+                if cfg.error_space == "feature"
+                else ""
+            ),
             "error_normalisation": cfg.error_normalisation,
             "tile_error": cfg.tile_error,
             "error_sigma": cfg.error_sigma,

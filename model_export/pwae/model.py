@@ -100,7 +100,7 @@ class PWAE(nn.Module):
         if config.error_space != "pixel" or config.w_perceptual > 0:
             with torch.random.fork_rng(devices=[]):
                 self.perceptual = build_encoder(
-                    config.perceptual_backbone(), IMAGE_SIZE, stride=config.error_feature_stride
+                    config.error_backbone, IMAGE_SIZE, stride=config.error_feature_stride
                 )
             self.perceptual.eval()
             for p in self.perceptual.parameters():

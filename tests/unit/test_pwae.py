@@ -110,15 +110,23 @@ def test_paper_preset_keeps_the_papers_recipe() -> None:
     }
 
 
-def test_a_config_from_before_the_feature_tap_setting_reads_as_stride_8() -> None:
-    whole = FEATURE_ERROR.to_dict()
-    del whole["error_feature_stride"]
-    assert PWAEConfig.from_dict(whole).error_feature_stride == 8
-    del whole["augment_hflip"]  # older still: written before mirroring was a setting
-    older = PWAEConfig.from_dict(whole)
-    assert older.error_feature_stride == 8 and not older.augment_hflip
-    # Settings over the defaults (the command line's --set) keep the default tap.
-    assert PWAEConfig.from_dict({"error_space": "feature"}).error_feature_stride == 16
+def test_a_config_from_before_a_setting_reads_as_what_it_was_trained_with() -> None:
+    whole = PWAEConfig().to_dict()
+    del whole["error_backbone"]  # written before the feature network was a setting:
+    assert PWAEConfig.from_dict(whole).error_backbone == "efficientnet_lite0"  # the encoder's
+    lite2 = PWAEConfig.from_dict({**whole, "backbone": "efficientnet_lite2"})
+    assert lite2.error_backbone == "efficientnet_lite2"
+    resnet = PWAEConfig.from_dict({**whole, "backbone": "resnet50"})
+    assert resnet.error_backbone == "efficientnet_lite0"
+    del whole["augment_hflip"]  # older: written before mirroring was a setting
+    assert not PWAEConfig.from_dict(whole).augment_hflip
+    del whole["error_feature_stride"]  # older still: stride 8, the only tap then
+    oldest = PWAEConfig.from_dict(whole)
+    assert oldest.error_feature_stride == 8 and oldest.error_backbone == "efficientnet_lite0"
+    # Settings over the defaults (the command line's --set) keep today's defaults.
+    today = PWAEConfig.from_dict({"error_space": "feature"})
+    assert today.error_feature_stride == 16 and today.error_backbone == "efficientnet_lite1"
+    assert FEATURE_ERROR.error_backbone == "efficientnet_lite0"  # as it was measured
 
 
 def test_where_the_error_is_measured_does_not_change_what_is_trained() -> None:
