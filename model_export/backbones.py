@@ -150,11 +150,6 @@ def efficientnet_lite(name: str, image_size: int, stride: int = 16) -> Encoder:
     return Encoder(body, channels, stride)
 
 
-def efficientnet_lite0(image_size: int, stride: int = 16) -> Encoder:
-    """Pretrained EfficientNet-Lite0 up to ``stride`` (see efficientnet_lite)."""
-    return efficientnet_lite("efficientnet_lite0", image_size, stride)
-
-
 class Bottleneck(nn.Module):
     expansion = 4
 

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from model_export.backbones import LiteName, input_normalization
+from model_export.backbones import LITE_STAGES, LiteName, input_normalization
 from model_export.data import category_spec, load_tensor, split_train, test_set
 from model_export.ot_prototypes import (
     FIRST_ENSEMBLE,
@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report", type=Path, nargs="+", help="sweep JSON files to report on")
     parser.add_argument(
         "--backbone",
-        choices=["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"],
+        choices=sorted(LITE_STAGES),
         default="efficientnet_lite0",
         help="the frozen encoder every candidate runs on (default: Lite0, as recorded)",
     )

@@ -77,10 +77,10 @@ class OTPrototypesConfig(BaseModel):
     # 0.892 against 0.878, magnetic tiles 0.780 against 0.764;
     # docs/ot-prototypes.md, "The backbone").
     backbone: LiteName = "efficientnet_lite2"
-    # EfficientNet-Lite0's own (x - 127) / 128, not ImageNet's mean/std: chosen
-    # on validation (held-out good images with synthetic defects; AUROC
-    # bottle 0.992 against 0.979, magnetic tiles 0.820 against 0.810 with
-    # ImageNet's; docs/ot-prototypes.md).
+    # The backbone's own input, (x - 127) / 128 for every EfficientNet-Lite,
+    # not ImageNet's mean/std: chosen on validation on Lite0 (held-out good
+    # images with synthetic defects; AUROC bottle 0.992 against 0.979,
+    # magnetic tiles 0.820 against 0.810 with ImageNet's; docs/ot-prototypes.md).
     input_normalisation: InputNormalisation = "backbone"
     # Entropic regularisation, in cost units (costs lie in [0, 1]), and the
     # iterations: the authors' 0.01 and 100, chosen with the members (the

@@ -24,7 +24,7 @@ from model_export.ot_prototypes.cost import grid_positions, transport_cost
 from service import tiler
 
 
-def frozen_encoder(name: str = "efficientnet_lite0") -> nn.Module:
+def frozen_encoder(name: str) -> nn.Module:
     """A shared pretrained EfficientNet-Lite (model_export.backbones), whole, frozen.
 
     Its static 'same' padding is set for the 300x300 image this family sees.

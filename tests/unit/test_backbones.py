@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model_export.backbones import PRETRAINED_CFG, efficientnet_lite0, pretrained_cfg
+from model_export.backbones import PRETRAINED_CFG, efficientnet_lite, pretrained_cfg
 from model_export.data import load_tensor
 from service.contract import InputSpec, ModelMetadata, Normalization
 from tests.helpers.onnx_models import colour_distance_model, metadata_for
@@ -23,7 +23,7 @@ BOTTLES = sorted((DATASETS / "mvtec_ad" / "bottle" / "train" / "good").glob("*.p
 def _stem_variance_ratio(norm: Normalization) -> float:
     """Median over channels of the stem activations' variance on real bottles
     against the variance the stem BatchNorm's running statistics describe."""
-    encoder = efficientnet_lite0(300, stride=4).eval()
+    encoder = efficientnet_lite("efficientnet_lite0", 300, stride=4).eval()
     conv, bn = encoder.body[0], encoder.body[1]
     spec = InputSpec(normalization=norm)
     x = torch.stack([load_tensor(p, spec) for p in BOTTLES])
@@ -109,7 +109,7 @@ def test_the_stage_table_names_each_lite_stage_as_its_network_builds_it(name: st
     stage's last block has the channels the table says, the next block
     (where there is one) starts another stage, and the strides are 2, 4, 8,
     16, 16, 32, 32."""
-    from model_export.backbones import LITE_STAGES, efficientnet_lite
+    from model_export.backbones import LITE_STAGES
 
     encoder = efficientnet_lite(name, 96, stride=32).eval()
     blocks = list(encoder.body.children())[3:]

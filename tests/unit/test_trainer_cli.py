@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from model_export import cli, preflight, pwae
-from model_export.backbones import efficientnet_lite0
+from model_export.backbones import efficientnet_lite
 from model_export.config_args import ConfigError, build_config, parse_set
 from model_export.data import labelled_images, list_images, split_paths
 from model_export.evaluation import evaluate_scores, masked_defectives
@@ -298,7 +298,7 @@ def test_the_summary_says_why_pixel_figures_are_missing(tmp_path: Path) -> None:
 def test_the_pretrained_encoder_prints_nothing() -> None:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        efficientnet_lite0(100)
+        efficientnet_lite("efficientnet_lite2", 100)
     assert out.getvalue() == ""
 
 
