@@ -69,16 +69,8 @@ def settle(
     candidates: dict[ErrorSpace, PWAE] = {}
     aurocs: dict[ErrorSpace, float] = {}
     for space in SPACES:
-        candidate = PWAE(model.config.model_copy(update={"error_space": space}), model.encoder)
-        own = candidate.state_dict()
-        candidate.load_state_dict({k: v for k, v in state.items() if k in own})
-        candidate.cpu().eval()
-        if candidate.config.error_normalisation == "zscore":
-            candidate.set_error_statistics(maps["fit"][space])
-        errs = {part: _errors(candidate, m[space]) for part, m in maps.items()}
-        # The scales in the place of eps: the same ranking (see the module doc).
-        figures = validation_figures(errs["held"], errs["bad"], error_scales(errs["fit"]))
-        aurocs[space] = figures["synthetic_auroc"]
+        candidate = measured_as(model, {"error_space": space}, state)
+        aurocs[space] = score(candidate, {part: m[space] for part, m in maps.items()})
         candidates[space] = candidate
     chosen = max(SPACES, key=lambda s: aurocs[s])  # the first of equals: pixel
     return candidates[chosen].to(device), {
@@ -88,6 +80,44 @@ def settle(
         "held_out_images": len(held),
         "defective_images": len(defective),
     }
+
+
+def measured_as(
+    model: PWAE, update: dict[str, Any], state: dict[str, torch.Tensor] | None = None
+) -> PWAE:
+    """The trained ``model`` with its error measured as ``update`` says (the
+    error's settings only): the same trained weights, on the CPU, in eval
+    mode; a feature network it names anew is the pretrained one."""
+    config = model.config.model_copy(update=update)
+    candidate = PWAE(config, model.encoder)
+    state = model.state_dict() if state is None else state
+    own = candidate.state_dict()
+    # The feature network is frozen and pretrained: kept where it is the
+    # same network, built anew where the update names another.
+    same_net = config.error_backbone == model.config.error_backbone
+    kept = {k: v for k, v in state.items()
+            if k in own and (same_net or not k.startswith("perceptual."))}  # fmt: skip
+    # What score() sets (the z-score's statistics) or the network is built
+    # with may be new; anything else new would be untrained.
+    fresh = ("perceptual.", "error_mean", "error_std")
+    missing = [k for k in own if k not in kept and not k.startswith(fresh)]
+    if missing:
+        raise ValueError(f"{update} changes more than the error: {missing[:3]} would be untrained")
+    candidate.load_state_dict({**own, **kept})
+    return candidate.cpu().eval()
+
+
+def score(candidate: PWAE, raw: dict[str, torch.Tensor]) -> float:
+    """The validation AUROC of max_k(e_k / s_k) from ``candidate``'s raw error
+    maps of the fit images ("fit"), the held-out good ones ("held") and their
+    synthetic defectives ("bad"); the z-score's statistics are set from "fit"."""
+    if candidate.config.error_normalisation == "zscore":
+        candidate.set_error_statistics(raw["fit"])
+    errs = {part: _errors(candidate, maps) for part, maps in raw.items()}
+    # The scales in the place of eps: the same ranking (see the module doc).
+    return validation_figures(errs["held"], errs["bad"], error_scales(errs["fit"]))[
+        "synthetic_auroc"
+    ]
 
 
 @torch.no_grad()

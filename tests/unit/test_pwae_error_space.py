@@ -81,3 +81,41 @@ def test_auto_keeps_the_space_with_the_higher_validation_auroc(
 
     labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]
     assert roc_auc_score(labels, np.r_[good, bad]) == pytest.approx(aurocs[chosen], abs=1e-4)
+
+
+def test_a_rescoring_of_the_settled_settings_gives_the_figure_the_choice_recorded(
+    images: tuple[list[torch.Tensor], list[Path]],
+) -> None:
+    from model_export.pwae.rescore import rescore
+
+    fit, held = images
+    settled, record = settle(_model("auto"), fit, held, SPEC, seed=3)
+    seed = record["defect_seed"]
+    rows = rescore(settled, torch.stack(fit), held, SPEC, [{"error_space": s} for s in SPACES],
+                   seeds=[seed])  # fmt: skip
+    for space, row in zip(SPACES, rows, strict=True):
+        recorded = record["figures"][f"error_space_{space}_validation_auroc"]
+        assert row["validation_auroc"][f"seed {seed}"] == pytest.approx(recorded, abs=1e-4)
+
+
+def test_measured_with_another_network_keeps_every_trained_weight() -> None:
+    from model_export.pwae.error_space import measured_as
+
+    model = _model("feature")
+    lite2 = measured_as(model, {"error_backbone": "efficientnet_lite2"})
+    assert lite2.perceptual is not None and lite2.perceptual.channels == 120  # Lite2's stride 16
+    trained = {k: v for k, v in model.state_dict().items() if not k.startswith("perceptual.")}
+    for key, value in trained.items():
+        torch.testing.assert_close(lite2.state_dict()[key], value)
+
+
+def test_a_rescoring_takes_only_the_errors_settings() -> None:
+    from model_export.config_args import ConfigError
+    from model_export.pwae.rescore import parse_candidate
+
+    assert parse_candidate("error_space=feature,error_feature_stride=8") == {
+        "error_space": "feature",
+        "error_feature_stride": 8,
+    }
+    with pytest.raises(ConfigError, match="latent_channels would change what is trained"):
+        parse_candidate("error_space=feature,latent_channels=8")

@@ -1,0 +1,111 @@
+"""Rescoring a trained P-WAE: the same weights, its error measured other
+ways, scored on validation only (no training, no test image).
+
+    python -m model_export.pwae.rescore runs/mt-pwae-auto \\
+        --candidate error_backbone=efficientnet_lite0 \\
+        --candidate error_backbone=efficientnet_lite1 \\
+        --candidate error_backbone=efficientnet_lite2 --seeds 0 1
+
+Each ``--candidate`` is one or more comma-separated KEY=VALUE settings of
+the error (ERROR_SETTINGS) over the checkpoint's own config, as it was
+settled after training. For every candidate and every seed, the held-out
+good images the checkpoint recorded are scored against the same images with
+two synthetic defects each (model_export/validation.py, drawn with that
+seed), by the AUROC of max_k(e_k / s_k) with s_k the fit images' median
+error k: the figure ``error_space="auto"`` settles by
+(model_export/pwae/error_space.py). Each rule that chose a setting this way
+is in docs/pwae-experiments.md, written before its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model_export.config_args import ConfigError, parse_set
+from model_export.data import checkpoint_spec, checkpoint_split, load_tensor
+from model_export.families import load_checkpoint
+from model_export.pwae.error_space import measured_as, score
+from model_export.pwae.model import PWAE
+from model_export.validation import synthetic_defectives
+from service.contract import InputSpec
+
+# The settings that change how the error is measured, not what is trained.
+ERROR_SETTINGS = (
+    "error_space", "error_backbone", "error_feature_stride", "error_sigma",
+    "error_normalisation", "error_std_floor", "tile_error",
+)  # fmt: skip
+
+
+def parse_candidate(text: str) -> dict[str, Any]:
+    """``KEY=VALUE[,KEY=VALUE...]`` -> the settings, each an error setting."""
+    update = dict(parse_set(item) for item in text.split(","))
+    other = sorted(set(update) - set(ERROR_SETTINGS))
+    if other:
+        raise ConfigError(
+            f"--candidate {text}: {', '.join(other)} would change what is trained; "
+            f"a rescoring takes only {', '.join(ERROR_SETTINGS)}"
+        )
+    return update
+
+
+def rescore(
+    model: PWAE,
+    fit: torch.Tensor,
+    holdout: Sequence[Path],
+    spec: InputSpec,
+    candidates: Sequence[dict[str, Any]],
+    seeds: Sequence[int] = (0,),
+) -> list[dict[str, Any]]:
+    """One row per candidate: its settings and validation AUROC per seed;
+    ``fit`` are the images the model was trained on, ``holdout`` the held-out ones."""
+    good = {"fit": fit, "held": torch.stack([load_tensor(p, spec) for p in holdout])}
+    defects = {seed: torch.stack(synthetic_defectives(holdout, seed, 2, spec)) for seed in seeds}
+    rows = []
+    for update in candidates:
+        candidate = measured_as(model, update)
+        space = candidate.error_space()
+        raw = {part: candidate.raw_error_maps(x)[space] for part, x in good.items()}
+        aurocs = {}
+        for seed, x in defects.items():
+            bad = candidate.raw_error_maps(x)[space]
+            aurocs[f"seed {seed}"] = round(score(candidate, {**raw, "bad": bad}), 4)
+        rows.append({"settings": update, "validation_auroc": aurocs})
+        print(f"{update}: " + ", ".join(f"{k} {v:.3f}" for k, v in aurocs.items()), flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("work", type=Path, help="a P-WAE work directory (its checkpoint.pt)")
+    parser.add_argument(
+        "--candidate", action="append", required=True, metavar="KEY=VALUE[,KEY=VALUE]",
+        help="error settings to score, e.g. error_backbone=efficientnet_lite1 (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="synthetic defect draws")
+    parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        candidates = [parse_candidate(c) for c in args.candidate]
+    except ConfigError as exc:
+        parser.error(str(exc))
+    _, _, model, ckpt = load_checkpoint(args.work / "checkpoint.pt")
+    if not isinstance(model, PWAE):
+        parser.error(f"{args.work}: a rescoring takes a P-WAE work directory")
+    spec = checkpoint_spec(ckpt)
+    fit = torch.stack([load_tensor(p, spec) for p in checkpoint_split(ckpt, "fit")])
+    hold = checkpoint_split(ckpt, "holdout")
+    rows = rescore(model, fit, hold, spec, candidates, args.seeds)
+    if args.out:
+        args.out.write_text(json.dumps({"work": str(args.work), "rows": rows}, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
