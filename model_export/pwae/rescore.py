@@ -81,7 +81,9 @@ def rescore(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m model_export.pwae.rescore", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("work", type=Path, help="a P-WAE work directory (its checkpoint.pt)")
     parser.add_argument(
         "--candidate", action="append", required=True, metavar="KEY=VALUE[,KEY=VALUE]",
@@ -94,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         candidates = [parse_candidate(c) for c in args.candidate]
     except ConfigError as exc:
         parser.error(str(exc))
+    if not (args.work / "checkpoint.pt").is_file():
+        parser.error(f"{args.work} holds no checkpoint.pt (train there first)")
     _, _, model, ckpt = load_checkpoint(args.work / "checkpoint.pt")
     if not isinstance(model, PWAE):
         parser.error(f"{args.work}: a rescoring takes a P-WAE work directory")

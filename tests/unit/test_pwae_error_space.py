@@ -119,3 +119,17 @@ def test_a_rescoring_takes_only_the_errors_settings() -> None:
     }
     with pytest.raises(ConfigError, match="latent_channels would change what is trained"):
         parse_candidate("error_space=feature,latent_channels=8")
+
+
+def test_the_rescoring_command_names_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model_export.pwae.rescore import main
+
+    for args, message in (
+        ([str(tmp_path), "--candidate", "error_space=pixel"], "holds no checkpoint.pt"),
+        ([str(tmp_path), "--candidate", "epochs=3"], "epochs would change what is trained"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
