@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model_export.backbones import LITE_STAGES, efficientnet_lite
 from model_export.blur import gaussian_kernel, separable_blur
 from model_export.export import to_onnx as export_onnx
 from model_export.ot_prototypes.config import (
@@ -29,8 +30,6 @@ def frozen_encoder(name: str) -> nn.Module:
 
     Its static 'same' padding is set for the 300x300 image this family sees.
     """
-    from model_export.backbones import efficientnet_lite
-
     encoder = efficientnet_lite(name, IMAGE_SIZE, stride=32)
     encoder.eval()
     for p in encoder.parameters():
@@ -43,8 +42,6 @@ class MultiScaleFeatures(nn.Module):
 
     def __init__(self, encoder: nn.Module, scales: Sequence[str], backbone: str) -> None:
         super().__init__()
-        from model_export.backbones import LITE_STAGES
-
         self.scales = tuple(dict.fromkeys(scales))
         stage_end = [last for last, _ in LITE_STAGES[backbone]]
         # scale -> the block indices it taps

@@ -50,12 +50,14 @@ Where the paper is vague, the choices are made here and said why:
 * Where the error is measured is settled for each category after training
   (``error_space="auto"``, model_export/pwae/error_space.py): the paper's
   pixels, or the squared difference between frozen pretrained features of
-  the image and of its reconstruction (EfficientNet-Lite0 to stride 16 on
-  the whole image), whichever separates the held-out images from their
-  synthetic defects better. Neither wins everywhere: pixels on the bottle,
-  whose reconstruction is close, features on the magnetic tiles, whose
-  texture the decoder blurs in every pixel (image AUROC 0.62 -> 0.77 there;
-  docs/pwae-experiments.md, "Where the error is measured").
+  the image and of its reconstruction (``error_backbone``, EfficientNet-Lite1
+  by default, to stride 16 on the whole image), whichever separates the
+  held-out images from their synthetic defects better. Neither wins
+  everywhere: pixels on the bottle, whose reconstruction is close, features
+  on the magnetic tiles, whose texture the decoder blurs in every pixel
+  (image AUROC 0.62 -> 0.79 there;
+  docs/pwae-experiments.md, "Where the error is measured" and "The feature
+  error's network").
 
 The family is four modules, as anomalib shapes one: config.py (the
 hyper-parameters and recipes), model.py (the torch module and its export),
