@@ -162,6 +162,8 @@ def train(
             cfg, images, progress=bar.update, device=device, on_epoch=on_epoch,
             on_stage=on_stage, checkpoint=work / TRAIN_STATE, started=t0,
         )  # fmt: skip
+    # Training's own time: settling, after it, reports its seconds apart.
+    this_run = time.perf_counter() - t0
     settled: dict[str, Any] = {}
     if family.settle is not None:
         t_settle = time.perf_counter()
@@ -177,7 +179,6 @@ def train(
                 f"{family.name} settled {chosen} on validation ({figures}) "
                 f"in {settled['seconds']:.0f} s"
             )
-    this_run = time.perf_counter() - t0
     # The true training time: this run's, and the earlier runs' a resumed one continues.
     before = float(log.get("seconds_before", 0.0))
     seconds = before + this_run
@@ -386,7 +387,14 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
             **family.describe(cfg),
             **{f"validation_{k}": round(v, 4) for k, v in cal.get("validation", {}).items()},
             **ckpt.get("settled", {}).get("figures", {}),
+            # Training alone; settling after it apart (before 2026-12-02
+            # train_seconds counted both).
             "train_seconds": round(float(ckpt["train_seconds"]), 1),
+            **(
+                {"settle_seconds": ckpt["settled"]["seconds"]}
+                if "seconds" in ckpt.get("settled", {})
+                else {}
+            ),
             # Where and how fast it was trained (checkpoints from before
             # --device record neither: they were trained on the CPU).
             **({"train_device": ckpt["device"]} if ckpt.get("device") else {}),

@@ -92,6 +92,16 @@ class PWAEConfig(BaseModel):
     # 0.713 and 0.730 on two draws of synthetic defects, bottle 0.815 and
     # 0.791 against 0.812 and 0.780; docs/pwae-experiments.md).
     error_backbone: LiteName = "efficientnet_lite1"
+    # "channel": each feature channel's difference is divided by that
+    # channel's standard deviation over the training images' features (all
+    # positions) before the mean over channels, so the few channels with
+    # large activations do not outweigh the rest (a Mahalanobis distance
+    # with a diagonal covariance). "none": the plain squared difference,
+    # kept on validation (magnetic tiles 0.726 and 0.735 against 0.727 and
+    # 0.737; docs/pwae-experiments.md, "The feature error's form"). The
+    # scales are fitted after the epochs, so a training loss on features
+    # (w_perceptual) sees the difference unscaled.
+    error_feature_scale: Literal["none", "channel"] = "none"
     # "zscore": each pixel's error is standardised by the mean and standard
     # deviation of that pixel's error over the training images, then clipped
     # at 0 (errors below the usual are no defect, and the thresholds must be
@@ -138,6 +148,7 @@ _SINCE: dict[str, Callable[[str], Any]] = {
     "error_feature_stride": lambda _: 8,
     "augment_hflip": lambda _: False,
     "error_backbone": lambda b: "efficientnet_lite0" if b == "resnet50" else b,
+    "error_feature_scale": lambda _: "none",
 }
 
 

@@ -94,12 +94,15 @@ def measured_as(
     own = candidate.state_dict()
     # The feature network is frozen and pretrained: kept where it is the
     # same network, built anew where the update names another.
-    same_net = config.error_backbone == model.config.error_backbone
+    # (The channels' scales belong to the network and its tap.)
+    same_net = (config.error_backbone, config.error_feature_stride) == (
+        model.config.error_backbone, model.config.error_feature_stride)  # fmt: skip
+    network = ("perceptual.", "feature_scale")
     kept = {k: v for k, v in state.items()
-            if k in own and (same_net or not k.startswith("perceptual."))}  # fmt: skip
+            if k in own and (same_net or not k.startswith(network))}  # fmt: skip
     # What score() sets (the z-score's statistics) or the network is built
     # with may be new; anything else new would be untrained.
-    fresh = ("perceptual.", "error_mean", "error_std")
+    fresh = ("perceptual.", "error_mean", "error_std", "feature_scale")
     missing = [k for k in own if k not in kept and not k.startswith(fresh)]
     if missing:
         raise ValueError(f"{update} changes more than the error: {missing[:3]} would be untrained")

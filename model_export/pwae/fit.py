@@ -1,6 +1,6 @@
 """P-WAE's fitting, run by the shared trainer (model_export/trainer.py): the
 frozen encoder's features once, SGD steps on the three losses under the
-paper's learning-rate schedule, then the per-pixel error statistics."""
+paper's learning-rate schedule, then the error's statistics."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def progress_total(config: PWAEConfig, n: int) -> int:
     ``n`` images: the frozen encoder's feature pass, every epoch's steps, and
     the pass that fits the per-pixel error statistics, so a bar ends at 100%."""
     features = n * len(_views(config)) if config.freeze_encoder else 0
-    statistics = n if _fits_statistics(config) else 0
+    statistics = n * (_fits_statistics(config) + _fits_feature_scale(config))
     return features + config.epochs * images_per_epoch(config, n) + statistics
 
 
@@ -39,6 +39,12 @@ def _fits_statistics(config: PWAEConfig) -> bool:
     errors, in a space already named (error_space="auto" fits them when it is
     settled, model_export/pwae/error_space.py)."""
     return config.error_normalisation == "zscore" and config.error_space != "auto"
+
+
+def _fits_feature_scale(config: PWAEConfig) -> bool:
+    """Whether fitting ends with the feature channels' scales (for a feature
+    error, or one error_space="auto" may settle on)."""
+    return config.error_feature_scale == "channel" and config.error_space != "pixel"
 
 
 def _views(config: PWAEConfig) -> tuple[bool, ...]:
@@ -129,8 +135,13 @@ class PWAEFitting:
         self.gen.set_state(state["generator"])
 
     def finish(self, progress: trainer.Progress, on_stage: Callable[[str], object] | None) -> None:
-        """Eval mode, and the per-pixel error statistics where the errors are z-scores."""
+        """Eval mode, the feature channels' scales where the feature error
+        is scaled, and the per-pixel error statistics where the errors are z-scores."""
         self.model.eval()
+        if _fits_feature_scale(self.config):
+            if on_stage is not None:
+                on_stage(f"fitting the feature channels' scales on the {len(self.x_all)} images")
+            self.model.fit_feature_scale(self.x_all, progress=progress)
         if _fits_statistics(self.config):
             if on_stage is not None:
                 on_stage(

@@ -69,6 +69,8 @@ class PWAE(nn.Module):
     # training images' raw error maps, (300, 300) each.
     error_mean: torch.Tensor
     error_std: torch.Tensor
+    # Buffer of error_feature_scale="channel": (C,) of the feature network.
+    feature_scale: torch.Tensor
 
     def __init__(self, config: PWAEConfig, encoder: Encoder | None = None) -> None:
         super().__init__()
@@ -105,6 +107,9 @@ class PWAE(nn.Module):
             self.perceptual.eval()
             for p in self.perceptual.parameters():
                 p.requires_grad_(False)
+            if config.error_feature_scale == "channel":
+                # Set by fit_feature_scale() from the training images; saved with the weights.
+                self.register_buffer("feature_scale", torch.ones(self.perceptual.channels))
         kernel = gaussian_kernel(config.error_sigma) if config.error_sigma > 0 else torch.ones(1)
         self.register_buffer("kernel", kernel, persistent=False)
         if config.error_normalisation == "zscore":
@@ -150,7 +155,10 @@ class PWAE(nn.Module):
         assert self.perceptual is not None, (
             "built only with error_space 'feature' or 'auto', or w_perceptual > 0"
         )
-        err = ((self.perceptual(image) - self.perceptual(recon)) ** 2).mean(1, keepdim=True)
+        diff = self.perceptual(image) - self.perceptual(recon)
+        if self.config.error_feature_scale == "channel":
+            diff = diff / self.feature_scale.view(1, -1, 1, 1)
+        err = (diff**2).mean(1, keepdim=True)
         return F.interpolate(err, size=image.shape[-2:], mode="bilinear", align_corners=False)
 
     def error_map(self, image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -202,6 +210,32 @@ class PWAE(nn.Module):
         (``progress`` is told each batch's images)."""
         (maps,) = self.raw_error_maps(images, batch=batch, progress=progress).values()
         self.set_error_statistics(maps)
+
+    @torch.no_grad()
+    def fit_feature_scale(
+        self,
+        images: torch.Tensor,
+        batch: int = 16,
+        progress: Callable[[int], object] | None = None,
+    ) -> None:
+        """error_feature_scale="channel": each feature channel's standard
+        deviation over ``images``' features, every position (floored at a
+        thousandth of the mean so a dead channel divides by no zero)."""
+        assert self.perceptual is not None and self.config.error_feature_scale == "channel"
+        device = self.feature_scale.device
+        n = 0
+        total = torch.zeros(self.perceptual.channels, dtype=torch.float64, device=device)
+        total_sq = torch.zeros_like(total)
+        for x in images.split(batch):
+            f = self.perceptual(x.to(device)).double()
+            n += f.shape[0] * f.shape[2] * f.shape[3]
+            total += f.sum((0, 2, 3))
+            total_sq += (f**2).sum((0, 2, 3))
+            if progress is not None:
+                progress(len(x))
+        mean = total / n
+        std = (total_sq / n - mean**2).clamp_min(0).sqrt()
+        self.feature_scale.copy_(std.clamp_min(1e-3 * float(std.mean())).float())
 
     def set_error_statistics(self, maps: torch.Tensor) -> None:
         """The z-score's per-pixel mean and floored std from raw error maps (N, 300, 300)."""

@@ -37,8 +37,13 @@ from service.contract import InputSpec
 
 # The settings that change how the error is measured, not what is trained.
 ERROR_SETTINGS = (
-    "error_space", "error_backbone", "error_feature_stride", "error_sigma",
-    "error_normalisation", "error_std_floor", "tile_error",
+    "error_space", "error_backbone", "error_feature_stride", "error_feature_scale",
+    "error_sigma", "error_normalisation", "error_std_floor", "tile_error",
+)  # fmt: skip
+
+# The settings the raw error maps depend on (the rest act on them afterwards).
+RAW_MAP_SETTINGS = (
+    "error_space", "error_backbone", "error_feature_stride", "error_feature_scale", "error_sigma",
 )  # fmt: skip
 
 
@@ -67,14 +72,28 @@ def rescore(
     good = {"fit": fit, "held": torch.stack([load_tensor(p, spec) for p in holdout])}
     defects = {seed: torch.stack(synthetic_defectives(holdout, seed, 2, spec)) for seed in seeds}
     rows = []
+    # Candidates that differ only after the raw maps (the z-score's floor,
+    # the tile error) share them: each image set is reconstructed and
+    # measured once per distinct raw error.
+    maps: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
     for update in candidates:
         candidate = measured_as(model, update)
         space = candidate.error_space()
-        raw = {part: candidate.raw_error_maps(x)[space] for part, x in good.items()}
+        key = tuple(getattr(candidate.config, k) for k in RAW_MAP_SETTINGS)
+        if key not in maps:
+            if space == "feature" and candidate.config.error_feature_scale == "channel":
+                candidate.fit_feature_scale(fit)  # from the images training fitted it on
+            maps[key] = {
+                part: candidate.raw_error_maps(x)[space]
+                for part, x in (*good.items(), *((f"seed {s}", x) for s, x in defects.items()))
+            }
+        raw = maps[key]
         aurocs = {}
-        for seed, x in defects.items():
-            bad = candidate.raw_error_maps(x)[space]
-            aurocs[f"seed {seed}"] = round(score(candidate, {**raw, "bad": bad}), 4)
+        for seed in defects:
+            bad = raw[f"seed {seed}"]
+            aurocs[f"seed {seed}"] = round(
+                score(candidate, {"fit": raw["fit"], "held": raw["held"], "bad": bad}), 4
+            )
         rows.append({"settings": update, "validation_auroc": aurocs})
         print(f"{update}: " + ", ".join(f"{k} {v:.3f}" for k, v in aurocs.items()), flush=True)
     return rows

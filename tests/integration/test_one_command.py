@@ -80,8 +80,12 @@ def test_one_command_on_a_plain_folder_then_again_then_otherwise(
     space = meta.model_info["error_space"]
     assert f"pwae settled error_space={str(space).split()[0]} on validation (" in out
     assert "done: models/photos-pwae/1;" in out
-    seconds = torch.load(work / "checkpoint.pt", weights_only=False)["train_seconds"]
+    ckpt = torch.load(work / "checkpoint.pt", weights_only=False)
+    seconds = ckpt["train_seconds"]
     assert meta.model_info["train_seconds"] == round(seconds, 1)
+    # Settling is timed apart from training, and said so.
+    assert meta.model_info["settle_seconds"] == ckpt["settled"]["seconds"] > 0
+    assert f"in {ckpt['settled']['seconds']:.0f} s" in out
 
     # Again in the finished work dir: reused, and said so; the time stays the true one.
     cli.main(run)

@@ -112,6 +112,8 @@ def test_paper_preset_keeps_the_papers_recipe() -> None:
 
 def test_a_config_from_before_a_setting_reads_as_what_it_was_trained_with() -> None:
     whole = PWAEConfig().to_dict()
+    del whole["error_feature_scale"]  # written before the channels could be scaled
+    assert PWAEConfig.from_dict(whole).error_feature_scale == "none"
     del whole["error_backbone"]  # written before the feature network was a setting:
     assert PWAEConfig.from_dict(whole).error_backbone == "efficientnet_lite0"  # the encoder's
     lite2 = PWAEConfig.from_dict({**whole, "backbone": "efficientnet_lite2"})

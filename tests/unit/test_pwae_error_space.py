@@ -98,6 +98,20 @@ def test_a_rescoring_of_the_settled_settings_gives_the_figure_the_choice_recorde
         assert row["validation_auroc"][f"seed {seed}"] == pytest.approx(recorded, abs=1e-4)
 
 
+def test_candidates_that_share_raw_maps_score_as_each_alone(
+    images: tuple[list[torch.Tensor], list[Path]],
+) -> None:
+    from model_export.pwae.rescore import rescore
+
+    fit, held = images
+    model = _model("feature")
+    model.fit_error_statistics(torch.stack(fit))
+    sigma, floor = {"error_sigma": 2.0}, {"error_std_floor": 0.3}
+    together = rescore(model, torch.stack(fit), held, SPEC, [sigma, floor], seeds=[0, 1])
+    for row, update in zip(together, (sigma, floor), strict=True):
+        assert rescore(model, torch.stack(fit), held, SPEC, [update], seeds=[0, 1]) == [row]
+
+
 def test_measured_with_another_network_keeps_every_trained_weight() -> None:
     from model_export.pwae.error_space import measured_as
 
@@ -133,3 +147,29 @@ def test_the_rescoring_command_names_what_is_wrong(
         with pytest.raises(SystemExit) as exit_:
             main(args)
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_the_channel_scaled_feature_error_divides_each_channel_by_its_spread(
+    images: tuple[list[torch.Tensor], list[Path]],
+) -> None:
+    fit, _ = images
+    torch.manual_seed(0)
+    config = PWAEConfig(permutations=24, error_space="feature", error_feature_scale="channel")
+    model = PWAE(config).eval()
+    x = torch.stack(fit)
+    model.fit_feature_scale(x, batch=4)
+    assert model.perceptual is not None
+    with torch.no_grad():
+        feats = model.perceptual(x)
+        std = feats.permute(1, 0, 2, 3).reshape(feats.shape[1], -1).std(1, correction=0)
+        torch.testing.assert_close(model.feature_scale, std.clamp_min(1e-3 * float(std.mean())))
+        recon = model.reconstruct(x)
+        diff = (feats - model.perceptual(recon)) / model.feature_scale.view(1, -1, 1, 1)
+        expected = torch.nn.functional.interpolate(
+            (diff**2).mean(1, keepdim=True), size=x.shape[-2:], mode="bilinear"
+        )
+        torch.testing.assert_close(model.feature_error(x, recon), expected)
+    # The scales are saved with the weights: a copy loaded from them measures the same.
+    copy = PWAE(config, model.encoder).eval()
+    copy.load_state_dict(model.state_dict())
+    torch.testing.assert_close(copy.feature_scale, model.feature_scale)

@@ -321,3 +321,11 @@ def test_pwae_progress_counts_every_pass_and_ends_at_its_total() -> None:
     pwae.fit(auto, images, progress=ticks.append, on_stage=stages.append)
     assert pwae.progress_total(auto, 5) == sum(ticks) == 13
     assert stages == []
+    # A feature error with scaled channels fits the scales first (5 more).
+    scaled = cfg.model_copy(update={"error_space": "feature", "error_feature_scale": "channel"})
+    ticks.clear()
+    stages.clear()
+    model, _ = pwae.fit(scaled, images, progress=ticks.append, on_stage=stages.append)
+    assert pwae.progress_total(scaled, 5) == sum(ticks) == 23
+    assert stages[0] == "fitting the feature channels' scales on the 5 images"
+    assert not torch.equal(model.feature_scale, torch.ones_like(model.feature_scale))
