@@ -28,7 +28,8 @@ def images_per_epoch(config: PWAEConfig, n: int) -> int:
 def progress_total(config: PWAEConfig, n: int) -> int:
     """Images :func:`fit` reports to ``progress`` over a whole training of
     ``n`` images: the frozen encoder's feature pass, every epoch's steps, and
-    the pass that fits the per-pixel error statistics, so a bar ends at 100%."""
+    the passes that fit the error's statistics (the feature channels' scales,
+    the per-pixel statistics), so a bar ends at 100%."""
     features = n * len(_views(config)) if config.freeze_encoder else 0
     statistics = n * (_fits_statistics(config) + _fits_feature_scale(config))
     return features + config.epochs * images_per_epoch(config, n) + statistics
