@@ -63,6 +63,15 @@ class Family:
     settle: Callable[..., tuple[nn.Module, dict[str, Any]]] | None = None
 
 
+def _space_detail(cfg: Any) -> str:
+    """What P-WAE's error space measures with, where it is not pixels."""
+    if cfg.error_space == "feature":
+        return f" ({cfg.error_backbone}, stride {cfg.error_feature_stride})"
+    if cfg.error_space == "feature_reconstruction":
+        return f" ({cfg.backbone} features, decoder width {cfg.feature_decoder_width})"
+    return ""
+
+
 def _pwae() -> Family:
     from model_export import pwae
     from model_export.pwae.error_space import settle
@@ -79,12 +88,7 @@ def _pwae() -> Family:
             "permutations": cfg.permutations,
             "epochs": cfg.epochs,
             "swd_on": cfg.swd_on,
-            "error_space": cfg.error_space
-            + (
-                f" ({cfg.error_backbone}, stride {cfg.error_feature_stride})"
-                if cfg.error_space == "feature"
-                else ""
-            ),
+            "error_space": cfg.error_space + _space_detail(cfg),
             "error_normalisation": cfg.error_normalisation,
             "tile_error": cfg.tile_error,
             "error_sigma": cfg.error_sigma,

@@ -1,6 +1,6 @@
 """Side-by-side report of exported model versions: quality, speed, size.
 
-    python -m model_export.ot_compare models/bottle-pwae/5 models/bottle-otproto/5 \\
+    python -m model_export.ot_compare models/bottle-pwae/6 models/bottle-otproto/5 \\
         runs/export/mt-otproto/1 ... --out docs/model-comparison.md
 
 Quality figures come from each artifact's metadata (``evaluation.metrics``,
@@ -59,15 +59,16 @@ HOW = """
   "calibrated for" is the codec the calibration and the test images were
   passed through.
 * OT prototypes (`python -m model_export run --family ot_prototypes --data
-  <category> --work runs/<name> --export <artifact>`): frozen EfficientNet-Lite0
-  fed its own input normalisation (`model_export/backbones.py`), ensemble of
-  four (scale, alpha) members, stride 8 and 16, alpha 0 and 0.5; the default
-  config, the same for both categories; docs/ot-prototypes.md says where it
-  departs from the authors' code.
+  <category> --work runs/<name> --export <artifact>`): frozen EfficientNet-Lite2
+  fed its own input normalisation (`model_export/backbones.py`), an ensemble
+  of five (scale, alpha) members; the default config, the same for both
+  categories; docs/ot-prototypes.md lists the members and says where the
+  family departs from the authors' code.
 * P-WAE (`python -m model_export run --family pwae --data <category> --work
   runs/<name> --export <artifact>`): the default recipe, chosen on held-out
-  images with synthetic defects (docs/pwae-experiments.md); 8 epochs on the
-  magnetic tiles (`--set epochs=8`).
+  images with synthetic defects (docs/pwae-experiments.md), the same command
+  for both categories; where the error is measured is settled on each
+  category's own validation (`model_info`'s `error_space`).
 * `models/` holds only the default versions the server ships; the others are
   local run outputs under `runs/` (gitignored) that the commands above make
   again.

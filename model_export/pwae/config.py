@@ -15,7 +15,7 @@ GRID = 3
 TILE = IMAGE_SIZE // GRID
 OPSET = 18
 
-ErrorSpace = Literal["pixel", "feature"]
+ErrorSpace = Literal["pixel", "feature", "feature_reconstruction"]
 
 
 class PWAEConfig(BaseModel):
@@ -81,8 +81,21 @@ class PWAEConfig(BaseModel):
     # on the magnetic tiles (0.730 against 0.640), whose blurry
     # reconstruction differs from the texture in every pixel but less in
     # what a deeper layer sees (docs/pwae-experiments.md, "Where the error
-    # is measured").
+    # is measured"). "feature_reconstruction": the encoder's own features of
+    # each tile against their reconstruction by a second decoder from the
+    # same latent (feature_decoder_*), trained after the epochs on the
+    # final latent; no pixel is reconstructed ("auto" weighs it too,
+    # docs/pwae-experiments.md, "Reconstructing the encoder's features").
     error_space: ErrorSpace | Literal["auto"] = "auto"
+    # The feature decoder of "feature_reconstruction" (built where
+    # error_space is "auto" too): two 3x3 convolutions of this width on the
+    # latent grid, then a 1x1 to the encoder's channels, each channel's
+    # target standardised by its spread over the training images. Trained
+    # with Adam (lr 1e-3, batches of 16) for this many epochs after the
+    # latent's, whose weights it does not change: the pixel decoder and the
+    # other error spaces are the same to the last digit with or without it.
+    feature_decoder_width: int = Field(128, ge=1)
+    feature_decoder_epochs: int = Field(40, ge=1)
     # The feature error's tap: the end of the stride-8 or stride-16 stage of
     # error_backbone (on Lite1, blocks 6 or 14: 40 or 112 channels).
     error_feature_stride: Literal[8, 16] = 16
@@ -123,6 +136,11 @@ class PWAEConfig(BaseModel):
     w_perceptual: float = Field(0.0, ge=0)
     seed: int = 0
 
+    def builds_feature_decoder(self) -> bool:
+        """Whether the model has a feature decoder: for the error space that
+        needs it, or one "auto" may settle on."""
+        return self.error_space in ("auto", "feature_reconstruction")
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -149,6 +167,10 @@ _SINCE: dict[str, Callable[[str], Any]] = {
     "augment_hflip": lambda _: False,
     "error_backbone": lambda b: "efficientnet_lite0" if b == "resnet50" else b,
     "error_feature_scale": lambda _: "none",
+    # Never used by a config written before: its error space was never
+    # "feature_reconstruction", and an "auto" one was settled before it was saved.
+    "feature_decoder_width": lambda _: 128,
+    "feature_decoder_epochs": lambda _: 40,
 }
 
 

@@ -1,23 +1,27 @@
 """Settling ``error_space="auto"``: where P-WAE's reconstruction error is
 measured, chosen for each category on its own validation after training.
 
-Neither space wins everywhere (docs/pwae-experiments.md, "Where the error is
-measured"): on the bottle, whose reconstruction is close, the pixel error
-separates synthetic defects better; on the magnetic tiles, whose texture the
-decoder blurs in every pixel, features at stride 16 do. A user's own part is
-neither, so the trained model is scored both ways on the held-out good images
-against the same images with synthetic defects (model_export/validation.py),
-and the space with the higher AUROC is kept; a tie keeps the paper's pixels.
+No space wins everywhere (docs/pwae-experiments.md, "Where the error is
+measured" and "Reconstructing the encoder's features"): pixels separate
+synthetic defects better than features of the reconstruction on the bottle,
+whose reconstruction is close, and worse on the magnetic tiles, whose texture
+the decoder blurs in every pixel; the encoder's features against their
+reconstruction from the latent ("feature_reconstruction") compare no
+reconstructed image at all. A user's own part is none of these, so the
+trained model is scored each way on the held-out good images against the same
+images with synthetic defects (model_export/validation.py), and the space
+with the highest AUROC is kept; a tie keeps the one listed first (the paper's
+pixels first).
 
 The score is max_k(e_k / s_k) with s_k the fit images' median error k: the
 ranking the calibrated rule gives at any target (its thresholds are t * s_k).
 The defects are drawn with another seed than ``calibrate``'s validation, so
 the validation figure it reports is on defects this choice never saw. The
 held-out good images are the same ones ``calibrate`` sets the thresholds on
-(they are all the category has): the conformal promise holds for either
-space on its own, and picking one of two with those images can at worst
-double it (a union bound over the two), which is why there are only two
-candidates. No test image is read.
+(they are all the category has): the conformal promise holds for each space
+on its own, and picking one of three with those images can at worst triple
+it (a union bound over the three), which is why the candidates are few. No
+test image is read.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """P-WAE's fitting, run by the shared trainer (model_export/trainer.py): the
 frozen encoder's features once, SGD steps on the three losses under the
-paper's learning-rate schedule, then the error's statistics."""
+paper's learning-rate schedule, then the feature decoder (where an error
+space may need it) and the error's statistics."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, Unpack
 
 import torch
+import torch.nn.functional as F
 
 from model_export import trainer
 from model_export.pwae.config import GRID, TILE, PWAEConfig
 from model_export.pwae.loss import losses
-from model_export.pwae.model import PWAE
+from model_export.pwae.model import PWAE, grid_of
 
 
 def lr_at(cfg: PWAEConfig, progress: float) -> float:
@@ -27,12 +29,16 @@ def images_per_epoch(config: PWAEConfig, n: int) -> int:
 
 def progress_total(config: PWAEConfig, n: int) -> int:
     """Images :func:`fit` reports to ``progress`` over a whole training of
-    ``n`` images: the frozen encoder's feature pass, every epoch's steps, and
-    the passes that fit the error's statistics (the feature channels' scales,
-    the per-pixel statistics), so a bar ends at 100%."""
+    ``n`` images: the frozen encoder's feature pass, every epoch's steps, the
+    feature decoder's epochs, and the passes that fit the error's statistics
+    (the feature channels' scales, the per-pixel statistics), so a bar ends
+    at 100%."""
     features = n * len(_views(config)) if config.freeze_encoder else 0
     statistics = n * (_fits_statistics(config) + _fits_feature_scale(config))
-    return features + config.epochs * images_per_epoch(config, n) + statistics
+    decoder = feature_decoder_images(config, n)
+    if decoder and not config.freeze_encoder:
+        decoder += n * len(_views(config))  # its features, computed then
+    return features + config.epochs * images_per_epoch(config, n) + decoder + statistics
 
 
 def _fits_statistics(config: PWAEConfig) -> bool:
@@ -46,6 +52,23 @@ def _fits_feature_scale(config: PWAEConfig) -> bool:
     """Whether fitting ends with the feature channels' scales (for a feature
     error, or one error_space="auto" may settle on)."""
     return config.error_feature_scale == "channel" and config.error_space != "pixel"
+
+
+def feature_decoder_images(config: PWAEConfig, n: int) -> int:
+    """Images the feature decoder's epochs see over ``n`` training images
+    (each view of each, whole batches only)."""
+    if not config.builds_feature_decoder():
+        return 0
+    views = n * len(_views(config))
+    per_epoch = min(views, max(1, views // FEATURE_DECODER_BATCH) * FEATURE_DECODER_BATCH)
+    return config.feature_decoder_epochs * per_epoch
+
+
+# The feature decoder's optimiser: Adam, lr 1e-3, batches of 16 (its targets
+# are fixed features, not a distribution to match, so the latent's SGD
+# schedule has nothing to offer it).
+FEATURE_DECODER_BATCH = 16
+FEATURE_DECODER_LR = 1e-3
 
 
 def _views(config: PWAEConfig) -> tuple[bool, ...]:
@@ -136,9 +159,17 @@ class PWAEFitting:
         self.gen.set_state(state["generator"])
 
     def finish(self, progress: trainer.Progress, on_stage: Callable[[str], object] | None) -> None:
-        """Eval mode, the feature channels' scales where the feature error
-        is scaled, and the per-pixel error statistics where the errors are z-scores."""
+        """Eval mode, the feature decoder where an error space may need it,
+        the feature channels' scales where the feature error is scaled, and
+        the per-pixel error statistics where the errors are z-scores."""
         self.model.eval()
+        if self.config.builds_feature_decoder():
+            if on_stage is not None:
+                on_stage(
+                    f"training the feature decoder on the {len(self.x_all)} images' latents "
+                    f"({self.config.feature_decoder_epochs} epochs)"
+                )
+            self.fit_feature_decoder(progress)
         if _fits_feature_scale(self.config):
             if on_stage is not None:
                 on_stage(f"fitting the feature channels' scales on the {len(self.x_all)} images")
@@ -150,6 +181,49 @@ class PWAEFitting:
                     "(once, after the epochs)"
                 )
             self.model.fit_error_statistics(self.x_all, progress=progress)
+
+    def fit_feature_decoder(self, progress: trainer.Progress) -> None:
+        """The feature decoder, trained to reconstruct the encoder's features
+        of every view of every training image from their latent (the
+        latent's weights fixed, in eval mode, as it will be served); each
+        encoder channel's target is divided by its spread over them. Its own
+        seeded generator: the epochs' draws are not touched."""
+        model, config = self.model, self.config
+        assert model.feature_decoder is not None
+        with torch.no_grad():
+            pairs = []  # (features, latent) grids of batches of images
+            if self.feats_all is None:  # a fine-tuned encoder: its final features
+                for mirrored in _views(config):
+                    x_all = self.x_all.flip(-1) if mirrored else self.x_all
+                    for x in x_all.split(16):
+                        pairs.append(model.features_and_latent(x))
+                        if progress is not None:
+                            progress(len(x))
+            else:
+                for f in self.feats_all.flatten(0, 1).split(64):  # (views * N, 9, C, h, w)
+                    pairs.append((grid_of(f), grid_of(model.latent(f))))
+            grids = torch.cat([f for f, _ in pairs])
+            latents = torch.cat([z for _, z in pairs])
+            spread = grids.transpose(0, 1).flatten(1).std(1)
+            model.feature_target_scale.copy_(spread.clamp_min(1e-3 * float(spread.mean())))
+            targets = grids / model.feature_target_scale.view(1, -1, 1, 1)
+        decoder = model.feature_decoder
+        decoder.train()
+        opt = torch.optim.Adam(decoder.parameters(), lr=FEATURE_DECODER_LR)
+        gen = torch.Generator().manual_seed(config.seed)
+        batch = FEATURE_DECODER_BATCH
+        steps = max(1, len(grids) // batch)
+        for _ in range(config.feature_decoder_epochs):
+            order = torch.randperm(len(grids), generator=gen).to(grids.device)
+            for s in range(steps):
+                idx = order[s * batch : (s + 1) * batch]
+                loss = F.mse_loss(decoder(latents[idx]), targets[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if progress is not None:
+                    progress(len(idx))
+        decoder.eval()
 
     def log(self) -> dict[str, Any]:
         return {}

@@ -48,6 +48,16 @@ def permutation_set(
     return perms[chosen].astype(np.int64)
 
 
+# The error spaces that compare the image with its reconstruction in pixels.
+RECONSTRUCTS_PIXELS: set[ErrorSpace] = {"pixel", "feature"}
+
+
+def grid_of(tile_maps: torch.Tensor) -> torch.Tensor:
+    """Tile maps (N, 9, C, h, w), tiles row-major -> one map (N, C, 3h, 3w):
+    the tiler's inverse, each tile's map in its place."""
+    return tiler.from_tiles(tile_maps.permute(0, 2, 1, 3, 4), GRID, GRID)
+
+
 def latent_cells(stride: int) -> int:
     """The side of a tile's latent map: 7 at the encoder's stride 16, 13 at 8."""
     return math.ceil(TILE / stride)
@@ -71,6 +81,8 @@ class PWAE(nn.Module):
     error_std: torch.Tensor
     # Buffer of error_feature_scale="channel": (C,) of the feature network.
     feature_scale: torch.Tensor
+    # Buffer of the feature decoder: (C,) of the encoder.
+    feature_target_scale: torch.Tensor
 
     def __init__(self, config: PWAEConfig, encoder: Encoder | None = None) -> None:
         super().__init__()
@@ -110,6 +122,21 @@ class PWAE(nn.Module):
             if config.error_feature_scale == "channel":
                 # Set by fit_feature_scale() from the training images; saved with the weights.
                 self.register_buffer("feature_scale", torch.ones(self.perceptual.channels))
+        # The feature decoder of error_space "feature_reconstruction", and the
+        # spread of each encoder channel its targets are divided by (set by
+        # fit_feature_decoder(), saved with the weights). Built on a forked
+        # random state, as the feature network is: the rest is initialised
+        # as without it.
+        self.feature_decoder: nn.Sequential | None = None
+        if config.builds_feature_decoder():
+            with torch.random.fork_rng(devices=[]):
+                w = config.feature_decoder_width
+                self.feature_decoder = nn.Sequential(
+                    nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                    nn.Conv2d(w, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                    nn.Conv2d(w, self.encoder.channels, 1),
+                )  # fmt: skip
+            self.register_buffer("feature_target_scale", torch.ones(self.encoder.channels))
         kernel = gaussian_kernel(config.error_sigma) if config.error_sigma > 0 else torch.ones(1)
         self.register_buffer("kernel", kernel, persistent=False)
         if config.error_normalisation == "zscore":
@@ -141,11 +168,38 @@ class PWAE(nn.Module):
         z = self.to_latent(feats.reshape(n * GRID * GRID, *feats.shape[2:]))
         return z.reshape(n, GRID * GRID, *z.shape[1:])
 
+    def features_and_latent(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image (N, 3, 300, 300) -> the encoder's features and the latent, each
+        tile's maps in its place on the grid: (N, C, 21, 21) and (N, c, 21, 21)."""
+        n = image.shape[0]
+        tiles = self.tiles(image)
+        feats = self.encoder(tiles.reshape(n * GRID * GRID, 3, TILE, TILE))
+        feats = feats.reshape(n, GRID * GRID, *feats.shape[1:])
+        return grid_of(feats), grid_of(self.latent(feats))
+
+    def feature_reconstruction_error(
+        self, image: torch.Tensor, encoded: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Squared difference between the encoder's features of the image and
+        the feature decoder's reconstruction of them from the latent, each
+        channel in units of its spread, mean over channels, at image size:
+        (N, 1, 300, 300). ``encoded``: the image's features_and_latent(),
+        where they are at hand."""
+        assert self.feature_decoder is not None, (
+            "built only with error_space 'feature_reconstruction' or 'auto'"
+        )
+        feats, z = self.features_and_latent(image) if encoded is None else encoded
+        target = feats / self.feature_target_scale.view(1, -1, 1, 1)
+        err = ((self.feature_decoder(z) - target) ** 2).mean(1, keepdim=True)
+        return F.interpolate(err, size=image.shape[-2:], mode="bilinear", align_corners=False)
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent maps in true grid order (N, 9, c, h, w) -> image (N, 3, 300, 300)."""
-        # (N, 9, c, h, w) -> (N, c, 9, h, w) -> (N, c, 3h, 3w): the tiler's inverse.
-        grid = tiler.from_tiles(z.permute(0, 2, 1, 3, 4), GRID, GRID)
-        out = self.decoder(grid)
+        return self.decode_grid(grid_of(z))
+
+    def decode_grid(self, z: torch.Tensor) -> torch.Tensor:
+        """The latent grid (N, c, 21, 21) -> image (N, 3, 300, 300)."""
+        out = self.decoder(z)
         return F.interpolate(
             out, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False
         )
@@ -160,10 +214,6 @@ class PWAE(nn.Module):
             diff = diff / self.feature_scale.view(1, -1, 1, 1)
         err = (diff**2).mean(1, keepdim=True)
         return F.interpolate(err, size=image.shape[-2:], mode="bilinear", align_corners=False)
-
-    def error_map(self, image: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """The anomaly map (N, 300, 300): the raw error map, normalised as configured."""
-        return self.normalise(self.raw_error_map(image, recon))
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw error maps (N, 300, 300) -> the anomaly maps, as configured."""
@@ -185,17 +235,20 @@ class PWAE(nn.Module):
         progress: Callable[[int], object] | None = None,
     ) -> dict[ErrorSpace, torch.Tensor]:
         """The raw error maps (N, 300, 300) of ``images`` in each of ``spaces``
-        (the configured one by default), each image reconstructed once on the
-        model's device, the maps on the images' (``progress`` is told each
-        batch's images)."""
+        (the configured one by default), each image reconstructed once (where
+        a space compares it with its reconstruction) on the model's device,
+        the maps on the images' (``progress`` is told each batch's images)."""
         spaces = spaces or (self.error_space(),)
         device = self.kernel.device
         parts: dict[ErrorSpace, list[torch.Tensor]] = {space: [] for space in spaces}
         for x in images.split(batch):
             x_on = x.to(device)
-            recon = self.reconstruct(x_on)
+            # The encoder runs once per batch, for every space.
+            encoded = self.features_and_latent(x_on)
+            recon = self.decode_grid(encoded[1]) if set(spaces) & RECONSTRUCTS_PIXELS else None
             for space in spaces:
-                parts[space].append(self.raw_error_map(x_on, recon, space).to(x.device))
+                err = self.raw_error_map(x_on, space, encoded, recon)
+                parts[space].append(err.to(x.device))
             if progress is not None:
                 progress(len(x))
         return {space: torch.cat(maps) for space, maps in parts.items()}
@@ -244,14 +297,27 @@ class PWAE(nn.Module):
         self.error_std.copy_(std.clamp_min(self.config.error_std_floor * float(std.mean())))
 
     def raw_error_map(
-        self, image: torch.Tensor, recon: torch.Tensor, space: ErrorSpace | None = None
+        self,
+        image: torch.Tensor,
+        space: ErrorSpace | None = None,
+        encoded: tuple[torch.Tensor, torch.Tensor] | None = None,
+        recon: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-pixel squared error in ``space`` (the configured one by
-        default), mean over channels, Gaussian-smoothed: (N, 300, 300)."""
-        if (space or self.error_space()) == "feature":
-            err = self.feature_error(image, recon)
+        default), mean over channels, Gaussian-smoothed: (N, 300, 300).
+        ``encoded`` (the image's features_and_latent()) and ``recon`` (its
+        reconstruction) are made here where the space needs them and they
+        are not given."""
+        space = space or self.error_space()
+        encoded = self.features_and_latent(image) if encoded is None else encoded
+        if space == "feature_reconstruction":
+            err = self.feature_reconstruction_error(image, encoded)
         else:
-            err = ((image - recon) ** 2).mean(1, keepdim=True)
+            recon = self.decode_grid(encoded[1]) if recon is None else recon
+            if space == "feature":
+                err = self.feature_error(image, recon)
+            else:
+                err = ((image - recon) ** 2).mean(1, keepdim=True)
         if self.config.error_sigma > 0:
             err = separable_blur(err, self.kernel, "reflect")  # type: ignore[arg-type]
         return err[:, 0]
@@ -270,7 +336,7 @@ class PWAE(nn.Module):
         return self.decode(self.encode(self.tiles(image)))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        amap = self.error_map(image, self.reconstruct(image))
+        amap = self.normalise(self.raw_error_map(image))
         e0, tiles = self.errors(amap)
         return e0, tiles, amap
 

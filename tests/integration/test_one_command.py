@@ -32,7 +32,10 @@ from tests.helpers.synthetic import encode, good_image, inject_defect, part_png
 REPO = Path(__file__).resolve().parents[2]
 DATASETS = Path(os.environ.get("INSPECTION_DATASETS", REPO.parent / "shared" / "datasets"))
 DEFAULT_MODEL = REPO / "models" / "bottle-pwae"
-TINY = ["--set", "permutations=24", "--set", "batch_size=4", "--device", "cpu"]
+TINY = [
+    "--set", "permutations=24", "--set", "batch_size=4", "--set", "feature_decoder_epochs=2",
+    "--device", "cpu",
+]  # fmt: skip
 
 
 @pytest.fixture
@@ -71,12 +74,13 @@ def test_one_command_on_a_plain_folder_then_again_then_otherwise(
     assert "promise a false-reject rate on new good parts of at most 33.33% expected" in summary
     assert "above the 1.00% target" in summary
     # The log: the encoder named once, nothing printed by the library, the
-    # bar through every pass (10 features + 2 x 8 steps) to 100%, then the
-    # error space settled on validation (its statistics fitted there).
+    # bar through every pass (10 features + 2 x 8 steps + the feature
+    # decoder's 2 x 10) to 100%, then the error space settled on validation
+    # (its statistics fitted there).
     assert "Loaded pretrained" not in out + err
     assert out.count("encoder: efficientnet_lite0, ImageNet, from the") == 1
     assert "input: normalised with mean (0.485, 0.456, 0.406)" in out
-    assert "100%" in err and "26/26" in err
+    assert "100%" in err and "46/46" in err
     space = meta.model_info["error_space"]
     assert f"pwae settled error_space={str(space).split()[0]} on validation (" in out
     assert "done: models/photos-pwae/1;" in out

@@ -82,13 +82,15 @@ def test_weights_changed_after_the_export_fail_the_proof() -> None:
         # squared feature differences are larger than pixel ones, as are
         # float32's rounding differences in them.
         ("pwae-feature", 1e-3),
+        # The encoder's features against the feature decoder's: no pixel decoder in the graph.
+        ("pwae-feature_reconstruction", 1e-3),
         ("ot_prototypes", 1e-4),
     ],
 )
 def test_both_families_export_and_agree_with_torch(family: str, bound: float) -> None:
     torch.manual_seed(0)
     if family.startswith("pwae"):
-        space = "feature" if family == "pwae-feature" else "pixel"
+        space = family.removeprefix("pwae-") if "-" in family else "pixel"
         model: nn.Module = pwae.PWAE(pwae.PWAEConfig(permutations=24, error_space=space))
         to = pwae.to_onnx
     else:
@@ -107,3 +109,8 @@ def test_both_families_export_and_agree_with_torch(family: str, bound: float) ->
         o.type.tensor_type.shape.dim[0].dim_param for o in onnx.load_from_string(blob).graph.output
     ]
     assert dims == ["N", "N", "N"]
+    if family == "pwae-feature_reconstruction":
+        # Served without the pixel decoder: no image is reconstructed for the score.
+        names = {i.name for i in onnx.load_from_string(blob).graph.initializer}
+        assert any(n.startswith("feature_decoder.") for n in names)
+        assert not any(n.startswith(("decoder.", "perceptual.")) for n in names)

@@ -295,7 +295,40 @@ def test_mirror_augmentation_caches_both_views_and_counts_them() -> None:
         x = torch.stack(images).flip(-1)
         mirrored = fitting.model.encoder(fitting.model.tiles(x).reshape(-1, 3, 100, 100))
     torch.testing.assert_close(fitting.feats_all[1].reshape(mirrored.shape), mirrored)
-    assert progress_total(cfg, 3) == 2 * 3 + 1 * 2  # both views' features, one epoch's steps
+    # Both views' features, one epoch's steps, the feature decoder's epochs over both views.
+    assert progress_total(cfg, 3) == 2 * 3 + 1 * 2 + cfg.feature_decoder_epochs * 6
     # Off, nothing changes: one view, and the epoch draws as before.
     plain = cfg.model_copy(update={"augment_hflip": False})
-    assert progress_total(plain, 3) == 3 + 2
+    assert progress_total(plain, 3) == 3 + 2 + cfg.feature_decoder_epochs * 3
+
+
+def test_the_feature_decoder_learns_the_features_and_changes_nothing_else() -> None:
+    images = [torch.randn(3, 300, 300, generator=_gen(i)) for i in range(4)]
+    pixel_cfg = PWAEConfig(permutations=24, epochs=1, batch_size=2, error_space="pixel")
+    pixel, _ = fit(pixel_cfg, images)
+    auto_cfg = pixel_cfg.model_copy(update={"error_space": "auto", "feature_decoder_epochs": 30})
+    auto, _ = fit(auto_cfg, images)
+    assert pixel.feature_decoder is None and auto.feature_decoder is not None
+    # Built on a forked random state and trained after the epochs with its own
+    # generator: every other trained weight is the pixel model's to the last digit.
+    statistics = ("error_mean", "error_std")  # fitted by the pixel model only ("auto" settles)
+    for key, value in pixel.state_dict().items():
+        if key not in statistics:
+            assert torch.equal(auto.state_dict()[key], value), key
+    # Its targets are the encoder's channels in units of their spread over the images.
+    x = torch.stack(images)
+    with torch.no_grad():
+        feats, _ = auto.features_and_latent(x)
+    spread = feats.transpose(0, 1).flatten(1).std(1)
+    torch.testing.assert_close(auto.feature_target_scale, spread)
+    # And it learnt them: its error on the training images is below an untrained decoder's.
+    untrained = PWAE(auto_cfg, auto.encoder).eval()
+    untrained.load_state_dict(
+        {k: v for k, v in auto.state_dict().items() if not k.startswith("feature_decoder.")},
+        strict=False,
+    )
+    with torch.no_grad():
+        trained_error = auto.feature_reconstruction_error(x).mean()
+        untrained_error = untrained.feature_reconstruction_error(x).mean()
+    assert trained_error < 0.5 * untrained_error
+    assert auto.raw_error_map(x, space="feature_reconstruction").shape == (4, 300, 300)

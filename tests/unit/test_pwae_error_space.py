@@ -89,13 +89,21 @@ def test_a_rescoring_of_the_settled_settings_gives_the_figure_the_choice_recorde
     from model_export.pwae.rescore import rescore
 
     fit, held = images
-    settled, record = settle(_model("auto"), fit, held, SPEC, seed=3)
+    auto = _model("auto")
+    settled, record = settle(auto, fit, held, SPEC, seed=3)
     seed = record["defect_seed"]
-    rows = rescore(settled, torch.stack(fit), held, SPEC, [{"error_space": s} for s in SPACES],
+    # The trained model before the choice, rescored each way.
+    rows = rescore(auto, torch.stack(fit), held, SPEC, [{"error_space": s} for s in SPACES],
                    seeds=[seed])  # fmt: skip
     for space, row in zip(SPACES, rows, strict=True):
         recorded = record["figures"][f"error_space_{space}_validation_auroc"]
         assert row["validation_auroc"][f"seed {seed}"] == pytest.approx(recorded, abs=1e-4)
+    # The settled model (what the checkpoint keeps), rescored in its space.
+    chosen = record["settings"]
+    (row,) = rescore(settled, torch.stack(fit), held, SPEC, [chosen], seeds=[seed])
+    assert row["validation_auroc"][f"seed {seed}"] == pytest.approx(
+        record["figures"][f"error_space_{chosen['error_space']}_validation_auroc"], abs=1e-4
+    )
 
 
 def test_candidates_that_share_raw_maps_score_as_each_alone(

@@ -314,13 +314,19 @@ def test_pwae_progress_counts_every_pass_and_ends_at_its_total() -> None:
     # 5 (features) + 2 epochs x 4 (two whole batches of 2) + 5 (error statistics)
     assert pwae.progress_total(cfg, 5) == sum(ticks) == 18
     assert stages == ["fitting per-pixel error statistics on the 5 images (once, after the epochs)"]
-    # error_space="auto" fits its statistics when the space is settled, after fit().
-    auto = cfg.model_copy(update={"error_space": "auto"})
+    # error_space="auto" fits its statistics when the space is settled, after fit(),
+    # and trains the feature decoder one of its spaces needs: 2 epochs x 5 more.
+    auto = cfg.model_copy(update={"error_space": "auto", "feature_decoder_epochs": 2})
     ticks.clear()
     stages.clear()
     pwae.fit(auto, images, progress=ticks.append, on_stage=stages.append)
-    assert pwae.progress_total(auto, 5) == sum(ticks) == 13
-    assert stages == []
+    assert pwae.progress_total(auto, 5) == sum(ticks) == 23
+    assert stages == ["training the feature decoder on the 5 images' latents (2 epochs)"]
+    # A fine-tuned encoder has no feature pass first; the decoder's features come after (5).
+    tuned = auto.model_copy(update={"freeze_encoder": False})
+    ticks.clear()
+    pwae.fit(tuned, images, progress=ticks.append)
+    assert pwae.progress_total(tuned, 5) == sum(ticks) == 23
     # A feature error with scaled channels fits the scales first (5 more).
     scaled = cfg.model_copy(update={"error_space": "feature", "error_feature_scale": "channel"})
     ticks.clear()
