@@ -14,17 +14,23 @@ import torch.nn.functional as F
 from model_export import trainer
 from model_export.pwae.config import GRID, TILE, PWAEConfig
 from model_export.pwae.loss import losses
-from model_export.pwae.model import PWAE, grid_of
+from model_export.pwae.model import PWAE, floored_spread, grid_of
 
 
 def lr_at(cfg: PWAEConfig, progress: float) -> float:
     return cfg.lr / (1 + 10 * progress) ** 0.75
 
 
+def whole_batches(n: int, batch: int) -> int:
+    """Images one epoch's steps see of ``n`` in batches of ``batch``: whole
+    batches only (the last, partial one is dropped), or all ``n`` where they
+    are fewer than a batch."""
+    return min(n, max(1, n // batch) * batch)
+
+
 def images_per_epoch(config: PWAEConfig, n: int) -> int:
-    """Images one epoch's steps see: whole batches only (the last, partial
-    one is dropped), or all ``n`` where they are fewer than a batch."""
-    return min(n, max(1, n // config.batch_size) * config.batch_size)
+    """Images one of the latent's epochs sees (:func:`whole_batches`)."""
+    return whole_batches(n, config.batch_size)
 
 
 def progress_total(config: PWAEConfig, n: int) -> int:
@@ -60,8 +66,7 @@ def feature_decoder_images(config: PWAEConfig, n: int) -> int:
     if not config.builds_feature_decoder():
         return 0
     views = n * len(_views(config))
-    per_epoch = min(views, max(1, views // FEATURE_DECODER_BATCH) * FEATURE_DECODER_BATCH)
-    return config.feature_decoder_epochs * per_epoch
+    return config.feature_decoder_epochs * whole_batches(views, FEATURE_DECODER_BATCH)
 
 
 # The feature decoder's optimiser: Adam, lr 1e-3, batches of 16 (its targets
@@ -205,7 +210,7 @@ class PWAEFitting:
             grids = torch.cat([f for f, _ in pairs])
             latents = torch.cat([z for _, z in pairs])
             spread = grids.transpose(0, 1).flatten(1).std(1)
-            model.feature_target_scale.copy_(spread.clamp_min(1e-3 * float(spread.mean())))
+            model.feature_target_scale.copy_(floored_spread(spread))
             targets = grids / model.feature_target_scale.view(1, -1, 1, 1)
         decoder = model.feature_decoder
         decoder.train()

@@ -58,6 +58,12 @@ def grid_of(tile_maps: torch.Tensor) -> torch.Tensor:
     return tiler.from_tiles(tile_maps.permute(0, 2, 1, 3, 4), GRID, GRID)
 
 
+def floored_spread(std: torch.Tensor) -> torch.Tensor:
+    """Per-channel standard deviations floored at a thousandth of their mean,
+    so a dead channel divides by no zero."""
+    return std.clamp_min(1e-3 * float(std.mean()))
+
+
 def latent_cells(stride: int) -> int:
     """The side of a tile's latent map: 7 at the encoder's stride 16, 13 at 8."""
     return math.ceil(TILE / stride)
@@ -272,8 +278,8 @@ class PWAE(nn.Module):
         progress: Callable[[int], object] | None = None,
     ) -> None:
         """error_feature_scale="channel": each feature channel's standard
-        deviation over ``images``' features, every position (floored at a
-        thousandth of the mean so a dead channel divides by no zero)."""
+        deviation over ``images``' features, every position (floored:
+        :func:`floored_spread`)."""
         assert self.perceptual is not None and self.config.error_feature_scale == "channel"
         device = self.feature_scale.device
         n = 0
@@ -288,7 +294,7 @@ class PWAE(nn.Module):
                 progress(len(x))
         mean = total / n
         std = (total_sq / n - mean**2).clamp_min(0).sqrt()
-        self.feature_scale.copy_(std.clamp_min(1e-3 * float(std.mean())).float())
+        self.feature_scale.copy_(floored_spread(std).float())
 
     def set_error_statistics(self, maps: torch.Tensor) -> None:
         """The z-score's per-pixel mean and floored std from raw error maps (N, 300, 300)."""
