@@ -1,6 +1,6 @@
 """Side-by-side report of exported model versions: quality, speed, size.
 
-    python -m model_export.ot_compare models/bottle-pwae/6 models/bottle-otproto/5 \\
+    python -m model_export.ot_compare models/bottle-pwae/7 models/bottle-otproto/5 \\
         runs/export/mt-otproto/1 ... --out docs/model-comparison.md
 
 Quality figures come from each artifact's metadata (``evaluation.metrics``,
@@ -67,8 +67,9 @@ HOW = """
 * P-WAE (`python -m model_export run --family pwae --data <category> --work
   runs/<name> --export <artifact>`): the default recipe, chosen on held-out
   images with synthetic defects (docs/pwae-experiments.md), the same command
-  for both categories; where the error is measured is settled on each
-  category's own validation (`model_info`'s `error_space`).
+  for both categories; where the error is measured and whether it is
+  z-scored are settled on each category's own validation (`model_info`'s
+  `error_space` and `error_normalisation`).
 * `models/` holds only the default versions the server ships; the others are
   local run outputs under `runs/` (gitignored) that the commands above make
   again.

@@ -139,15 +139,20 @@ def synthetic_defectives(
         rgb = prepare(path.read_bytes(), spec).rgb
         for _ in range(per_image):
             img, _ = inject_defect(rgb, rng)
-            img = as_input_colour(img, spec)  # a grey model sees a stain's luma
-            if codec is not None and codec.format == "jpeg":
-                ok, enc = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-                assert ok
-                tensor = prepare(apply_codec(enc.tobytes(), codec), spec).tensor
-            else:
-                tensor = normalise(img.astype(np.float32) / 255, spec)
-            defective.append(torch.from_numpy(tensor))
+            defective.append(as_sent(img, spec, codec))
     return defective
+
+
+def as_sent(rgb: np.ndarray, spec: InputSpec, codec: Codec | None = None) -> torch.Tensor:
+    """An image made from a prepared one ((H, W, 3) uint8), as the model reads
+    it when the camera sends it: in the model's colour (a grey model sees a
+    stain's luma) and, with a lossy ``codec``, encoded as the camera would."""
+    img = as_input_colour(rgb, spec)
+    if codec is not None and codec.format == "jpeg":
+        ok, enc = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        assert ok
+        return torch.from_numpy(prepare(apply_codec(enc.tobytes(), codec), spec).tensor)
+    return torch.from_numpy(normalise(img.astype(np.float32) / 255, spec))
 
 
 def synthetic_validation(

@@ -33,11 +33,12 @@ Where the paper is vague, the choices are made here and said why:
   0.081 with the code matched and 0.059 with no SWD at all). Without the batch
   normalisation, SGD at the paper's lr diverged (NaN) either way.
 * The error is the paper's L2 in pixel space, Gaussian-smoothed
-  (``error_sigma``). By default each pixel's error is then standardised by
-  that pixel's mean and standard deviation over the training images
+  (``error_sigma``). Each pixel's error may then be standardised by that
+  pixel's mean and standard deviation over the training images
   (``error_normalisation="zscore"``): the parts are aligned, so where the
   reconstruction is always poor (the bottle's glass rim) no longer hides
-  where it is poor only on this part. And a tile's error e1..e9 is the
+  where it is poor only on this part; whether it is, is settled with the
+  error space (below). And a tile's error e1..e9 is the
   largest value of the smoothed map in it (``tile_error="peak"``, the L2
   error of its worst window) rather than its mean, which a small defect is
   averaged away in. e0 stays the mean over the whole image.
@@ -65,6 +66,14 @@ Where the paper is vague, the choices are made here and said why:
   error's network", "Reconstructing the encoder's features"). The paper's
   reconstruction loss still trains the latent: the pixel decoder is what
   the latent learns to serve, and the other two spaces remain candidates.
+* Whether the error is z-scored is settled with the space
+  (``error_normalisation="auto"``): of the candidates within 0.01 of the
+  best validation AUROC, the one whose threshold rejects the fewest
+  held-out good parts when the line changes a little (a lamp 5% dimmer,
+  the part 3 px off, a slight blur; model_export/line_changes.py). The
+  z-score sharpens the tiles' score and made the bottle's throw out every
+  good part under a dimmer lamp (docs/pwae-experiments.md, "When the line
+  changes a little").
 
 The family is four modules, as anomalib shapes one: config.py (the
 hyper-parameters and recipes), model.py (the torch module and its export),

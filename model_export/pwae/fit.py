@@ -49,8 +49,8 @@ def progress_total(config: PWAEConfig, n: int) -> int:
 
 def _fits_statistics(config: PWAEConfig) -> bool:
     """Whether fitting ends with the per-pixel error statistics: z-scored
-    errors, in a space already named (error_space="auto" fits them when it is
-    settled, model_export/pwae/error_space.py)."""
+    errors, in a space already named (an "auto" space or normalisation fits
+    them when it is settled, model_export/pwae/error_space.py)."""
     return config.error_normalisation == "zscore" and config.error_space != "auto"
 
 

@@ -145,8 +145,9 @@ class PWAE(nn.Module):
             self.register_buffer("feature_target_scale", torch.ones(self.encoder.channels))
         kernel = gaussian_kernel(config.error_sigma) if config.error_sigma > 0 else torch.ones(1)
         self.register_buffer("kernel", kernel, persistent=False)
-        if config.error_normalisation == "zscore":
-            # Set by fit() from the training images; saved with the weights.
+        if config.error_normalisation in ("zscore", "auto"):
+            # Set by fit() from the training images (by settling, where
+            # "auto"); saved with the weights.
             self.register_buffer("error_mean", torch.zeros(IMAGE_SIZE, IMAGE_SIZE))
             self.register_buffer("error_std", torch.ones(IMAGE_SIZE, IMAGE_SIZE))
 
@@ -223,6 +224,11 @@ class PWAE(nn.Module):
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw error maps (N, 300, 300) -> the anomaly maps, as configured."""
+        if self.config.error_normalisation == "auto":
+            raise ValueError(
+                "error_normalisation='auto' is settled after training, on held-out images "
+                "(model_export/pwae/error_space.py); this model's has not been"
+            )
         if self.config.error_normalisation == "zscore":
             return F.relu((raw - self.error_mean) / self.error_std)
         return raw
@@ -299,8 +305,13 @@ class PWAE(nn.Module):
     def set_error_statistics(self, maps: torch.Tensor) -> None:
         """The z-score's per-pixel mean and floored std from raw error maps (N, 300, 300)."""
         std = maps.std(0)
-        self.error_mean.copy_(maps.mean(0))
-        self.error_std.copy_(std.clamp_min(self.config.error_std_floor * float(std.mean())))
+        std = std.clamp_min(self.config.error_std_floor * float(std.mean()))
+        mean = maps.mean(0)
+        r = self.config.error_stat_radius
+        if r > 0:  # the neighbourhood's largest: see PWAEConfig.error_stat_radius
+            mean, std = (F.max_pool2d(m[None, None], 2 * r + 1, 1, r)[0, 0] for m in (mean, std))
+        self.error_mean.copy_(mean)
+        self.error_std.copy_(std)
 
     def raw_error_map(
         self,

@@ -13,8 +13,11 @@ good images the checkpoint recorded are scored against the same images with
 two synthetic defects each (model_export/validation.py, drawn with that
 seed), by the AUROC of max_k(e_k / s_k) with s_k the fit images' median
 error k: the figure ``error_space="auto"`` settles by
-(model_export/pwae/error_space.py). Each rule that chose a setting this way
-is in docs/pwae-experiments.md, written before its figures.
+(model_export/pwae/error_space.py). With ``--line-changes``, each row also
+counts the held-out images a calibrated threshold rejects when the line
+changes a little (a lamp 5% dimmer, the part 3 px off, a lens slightly out
+of focus: model_export/line_changes.py). Each rule that chose a setting
+this way is in docs/pwae-experiments.md, written before its figures.
 """
 
 from __future__ import annotations
@@ -30,15 +33,17 @@ import torch
 from model_export.config_args import ConfigError, parse_set
 from model_export.data import checkpoint_spec, checkpoint_split, load_tensor
 from model_export.families import load_checkpoint
-from model_export.pwae.error_space import measured_as, score
+from model_export.line_changes import LINE_CHANGES, changed_inputs
+from model_export.pwae.error_space import line_change_counts, measured_as, measured_errors
 from model_export.pwae.model import PWAE
-from model_export.validation import synthetic_defectives
+from model_export.validation import synthetic_defectives, validation_figures
+from service.calibration import error_scales
 from service.contract import InputSpec
 
 # The settings that change how the error is measured, not what is trained.
 ERROR_SETTINGS = (
     "error_space", "error_backbone", "error_feature_stride", "error_feature_scale",
-    "error_sigma", "error_normalisation", "error_std_floor", "tile_error",
+    "error_sigma", "error_normalisation", "error_std_floor", "error_stat_radius", "tile_error",
 )  # fmt: skip
 
 # The settings the raw error maps depend on (the rest act on them afterwards).
@@ -66,15 +71,25 @@ def rescore(
     spec: InputSpec,
     candidates: Sequence[dict[str, Any]],
     seeds: Sequence[int] = (0,),
+    line_changes: bool = False,
 ) -> list[dict[str, Any]]:
     """One row per candidate: its settings and validation AUROC per seed;
-    ``fit`` are the images the model was trained on, ``holdout`` the held-out ones."""
-    good = {"fit": fit, "held": torch.stack([load_tensor(p, spec) for p in holdout])}
-    defects = {seed: torch.stack(synthetic_defectives(holdout, seed, 2, spec)) for seed in seeds}
+    ``fit`` are the images the model was trained on, ``holdout`` the held-out
+    ones. With ``line_changes``, also how many held-out images a threshold
+    from the other half rejects under each of LINE_CHANGES (model_export/line_changes.py)."""
+    held = torch.stack([load_tensor(p, spec) for p in holdout])
+    inputs = {"fit": fit, "held": held}
+    inputs.update(
+        (f"seed {s}", torch.stack(synthetic_defectives(holdout, s, 2, spec))) for s in seeds
+    )
+    if line_changes:
+        inputs.update(
+            (name, changed_inputs(holdout, spec, change)) for name, change in LINE_CHANGES.items()
+        )
     rows = []
-    # Candidates that differ only after the raw maps (the z-score's floor,
-    # the tile error) share them: each image set is reconstructed and
-    # measured once per distinct raw error.
+    # Candidates that differ only after the raw maps (the z-score's
+    # statistics, the tile error) share them: each image set is
+    # reconstructed and measured once per distinct raw error.
     maps: dict[tuple[Any, ...], dict[str, torch.Tensor]] = {}
     for update in candidates:
         candidate = measured_as(model, update)
@@ -83,19 +98,30 @@ def rescore(
         if key not in maps:
             if space == "feature" and candidate.config.error_feature_scale == "channel":
                 candidate.fit_feature_scale(fit)  # from the images training fitted it on
-            maps[key] = {
-                part: candidate.raw_error_maps(x)[space]
-                for part, x in (*good.items(), *((f"seed {s}", x) for s, x in defects.items()))
-            }
-        raw = maps[key]
-        aurocs = {}
-        for seed in defects:
-            bad = raw[f"seed {seed}"]
-            aurocs[f"seed {seed}"] = round(
-                score(candidate, {"fit": raw["fit"], "held": raw["held"], "bad": bad}), 4
-            )
-        rows.append({"settings": update, "validation_auroc": aurocs})
-        print(f"{update}: " + ", ".join(f"{k} {v:.3f}" for k, v in aurocs.items()), flush=True)
+            maps[key] = {part: candidate.raw_error_maps(x)[space] for part, x in inputs.items()}
+        errs = measured_errors(candidate, maps[key])
+        # The fit images' median errors in the place of eps: the same ranking
+        # as the calibrated rule's (model_export/pwae/error_space.py).
+        scales = error_scales(errs["fit"])
+        row: dict[str, Any] = {
+            "settings": update,
+            "validation_auroc": {
+                f"seed {s}": round(
+                    validation_figures(errs["held"], errs[f"seed {s}"], scales)["synthetic_auroc"],
+                    4,
+                )
+                for s in seeds
+            },
+        }
+        text = ", ".join(f"{k} {v:.3f}" for k, v in row["validation_auroc"].items())
+        if line_changes:
+            rejects = line_change_counts(candidate, maps[key])
+            row["line_change_rejects"] = rejects
+            row["line_change_images"] = len(holdout)
+            counts = ", ".join(f"{k} {v}" for k, v in rejects.items())
+            text += f"; rejected of {len(holdout)}: {counts}"
+        rows.append(row)
+        print(f"{update}: {text}", flush=True)
     return rows
 
 
@@ -109,6 +135,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="error settings to score, e.g. error_backbone=efficientnet_lite1 (repeatable)",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="synthetic defect draws")
+    parser.add_argument(
+        "--line-changes", action="store_true",
+        help="also count held-out images rejected when the line changes a little "
+        "(model_export/line_changes.py)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     try:
@@ -123,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     spec = checkpoint_spec(ckpt)
     fit = torch.stack([load_tensor(p, spec) for p in checkpoint_split(ckpt, "fit")])
     hold = checkpoint_split(ckpt, "holdout")
-    rows = rescore(model, fit, hold, spec, candidates, args.seeds)
+    rows = rescore(model, fit, hold, spec, candidates, args.seeds, args.line_changes)
     if args.out:
         args.out.write_text(json.dumps({"work": str(args.work), "rows": rows}, indent=2) + "\n")
         print(f"wrote {args.out}")

@@ -75,14 +75,15 @@ def test_one_command_on_a_plain_folder_then_again_then_otherwise(
     assert "above the 1.00% target" in summary
     # The log: the encoder named once, nothing printed by the library, the
     # bar through every pass (10 features + 2 x 8 steps + the feature
-    # decoder's 2 x 10) to 100%, then the error space settled on validation
-    # (its statistics fitted there).
+    # decoder's 2 x 10) to 100%, then the error space and normalisation
+    # settled on validation (the statistics fitted there).
     assert "Loaded pretrained" not in out + err
     assert out.count("encoder: efficientnet_lite0, ImageNet, from the") == 1
     assert "input: normalised with mean (0.485, 0.456, 0.406)" in out
     assert "100%" in err and "46/46" in err
-    space = meta.model_info["error_space"]
-    assert f"pwae settled error_space={str(space).split()[0]} on validation (" in out
+    space, norm = meta.model_info["error_space"], meta.model_info["error_normalisation"]
+    settled = f"error_space={str(space).split()[0]}, error_normalisation={norm}"
+    assert f"pwae settled {settled} on validation (" in out
     assert "done: models/photos-pwae/1;" in out
     ckpt = torch.load(work / "checkpoint.pt", weights_only=False)
     seconds = ckpt["train_seconds"]

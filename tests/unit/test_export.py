@@ -91,7 +91,9 @@ def test_both_families_export_and_agree_with_torch(family: str, bound: float) ->
     torch.manual_seed(0)
     if family.startswith("pwae"):
         space = family.removeprefix("pwae-") if "-" in family else "pixel"
-        model: nn.Module = pwae.PWAE(pwae.PWAEConfig(permutations=24, error_space=space))
+        model: nn.Module = pwae.PWAE(
+            pwae.PWAEConfig(permutations=24, error_space=space, error_normalisation="zscore")
+        )
         to = pwae.to_onnx
     else:
         model = ot.OTPrototypesModel(

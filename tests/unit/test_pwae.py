@@ -140,8 +140,12 @@ def test_where_the_error_is_measured_does_not_change_what_is_trained() -> None:
         trained = {k: v for k, v in model.state_dict().items() if not k.startswith("perceptual.")}
         return trained, torch.rand(8)
 
-    pixel, next_pixel = after_build(PWAEConfig(permutations=24, error_space="pixel"))
-    feature, next_feature = after_build(PWAEConfig(permutations=24, error_space="feature"))
+    pixel, next_pixel = after_build(
+        PWAEConfig(permutations=24, error_space="pixel", error_normalisation="zscore")
+    )
+    feature, next_feature = after_build(
+        PWAEConfig(permutations=24, error_space="feature", error_normalisation="zscore")
+    )
     assert pixel.keys() == feature.keys()
     assert all(torch.equal(pixel[k], feature[k]) for k in pixel)
     assert torch.equal(next_pixel, next_feature)
@@ -150,7 +154,9 @@ def test_where_the_error_is_measured_does_not_change_what_is_trained() -> None:
 @pytest.mark.parametrize("error_space", ["pixel", "feature"])
 def test_a_training_step_has_finite_losses_and_gradients(error_space: str) -> None:
     torch.manual_seed(0)
-    cfg = PWAEConfig(permutations=24, error_space=error_space, w_perceptual=1.0)  # type: ignore[arg-type]
+    cfg = PWAEConfig(
+        permutations=24, error_space=error_space, error_normalisation="zscore", w_perceptual=1.0
+    )  # type: ignore[arg-type]
     model = PWAE(cfg).train()
     x = torch.randn(2, 3, 300, 300, generator=_gen())
     parts = losses(model, x, None, torch.tensor([0, 5]), _gen())
@@ -228,6 +234,7 @@ def test_pwae_on_resnet50(tmp_path: Path) -> None:
         backbone_weights=str(tmp_path / "r50.pth"),
         permutations=24,
         error_space="pixel",
+        error_normalisation="zscore",
     )
     model = PWAE(cfg).eval()
     with torch.no_grad():
@@ -260,10 +267,15 @@ def test_zscore_maps_and_peak_tile_errors_through_onnx() -> None:
         tile_error="peak",
     )
     model, _ = fit(cfg, [_part_tensor(p) for p in parts])
-    # Statistics of the training images' raw maps, the std floored above zero.
+    # Statistics of the training images' raw maps, the std floored at
+    # error_std_floor times its mean over the image.
     assert float(model.error_mean.min()) >= 0 and float(model.error_mean.max()) > 0
-    floor = cfg.error_std_floor * float(model.error_std.mean())
-    assert float(model.error_std.min()) >= floor * 0.999
+    raw = model.raw_error_maps(torch.stack([_part_tensor(p) for p in parts]))["pixel"]
+    std = raw.std(0)
+    torch.testing.assert_close(model.error_mean, raw.mean(0))
+    torch.testing.assert_close(
+        model.error_std, std.clamp_min(cfg.error_std_floor * float(std.mean()))
+    )
     clean = parts[0]
     broken, mask = inject_defect(clean, rng, "blob")
     x = torch.stack([_part_tensor(clean), _part_tensor(broken)])
@@ -304,7 +316,9 @@ def test_mirror_augmentation_caches_both_views_and_counts_them() -> None:
 
 def test_the_feature_decoder_learns_the_features_and_changes_nothing_else() -> None:
     images = [torch.randn(3, 300, 300, generator=_gen(i)) for i in range(4)]
-    pixel_cfg = PWAEConfig(permutations=24, epochs=1, batch_size=2, error_space="pixel")
+    pixel_cfg = PWAEConfig(
+        permutations=24, epochs=1, batch_size=2, error_space="pixel", error_normalisation="zscore"
+    )
     pixel, _ = fit(pixel_cfg, images)
     auto_cfg = pixel_cfg.model_copy(update={"error_space": "auto", "feature_decoder_epochs": 30})
     auto, _ = fit(auto_cfg, images)
@@ -332,3 +346,30 @@ def test_the_feature_decoder_learns_the_features_and_changes_nothing_else() -> N
         untrained_error = untrained.feature_reconstruction_error(x).mean()
     assert trained_error < 0.5 * untrained_error
     assert auto.raw_error_map(x, space="feature_reconstruction").shape == (4, 300, 300)
+
+
+def test_error_stat_radius_spreads_each_pixels_statistics_over_its_neighbourhood() -> None:
+    """A part a few pixels off moves its usual errors onto neighbouring pixels:
+    with a radius, each pixel's mean and std are the largest within it."""
+    maps = torch.rand(6, 300, 300) * 0.1
+    maps[:, 100, 200] += torch.arange(6.0)  # one pixel whose error is high and varies
+    own = PWAE(
+        PWAEConfig(permutations=24, error_space="pixel", error_normalisation="zscore")
+    ).eval()
+    own.set_error_statistics(maps)
+    r = 4
+    spread = PWAE(
+        PWAEConfig(
+            permutations=24, error_space="pixel", error_normalisation="zscore", error_stat_radius=r
+        )
+    ).eval()
+    spread.set_error_statistics(maps)
+    window = (slice(100 - r, 100 + r + 1), slice(200 - r, 200 + r + 1))
+    assert float(own.error_mean[window].min()) < 0.2  # only the one pixel is high
+    assert float(spread.error_mean[window].min()) == float(own.error_mean[100, 200])
+    assert float(spread.error_std[window].min()) == float(own.error_std[100, 200])
+    # Beyond the radius the pixels keep statistics of their own neighbourhood.
+    assert float(spread.error_mean[100, 200 + r + 1]) < 0.2
+    # Nowhere lower than the pixel's own: a larger mean and std only lower the z-score.
+    assert bool((spread.error_mean >= own.error_mean).all())
+    assert bool((spread.error_std >= own.error_std).all())

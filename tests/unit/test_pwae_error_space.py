@@ -1,4 +1,4 @@
-"""error_space="auto": the space is settled on validation after training, and
+"""error_space and error_normalisation "auto": settled on validation after training, and
 the settled model scores as its own graph does."""
 
 from __future__ import annotations
@@ -12,7 +12,14 @@ import torch
 
 from model_export.data import load_tensor
 from model_export.pwae import PWAE, PWAEConfig
-from model_export.pwae.error_space import DEFECT_SEED_OFFSET, SPACES, settle
+from model_export.pwae.error_space import (
+    DEFECT_SEED_OFFSET,
+    NORMALISATIONS,
+    SPACES,
+    TOLERANCE,
+    Candidate,
+    settle,
+)
 from model_export.validation import synthetic_defectives
 from service.calibration import error_scales, rule_score
 from service.contract import InputSpec
@@ -33,40 +40,57 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[torch.Tensor]
     return [load_tensor(p, SPEC) for p in paths[:6]], paths[6:]
 
 
-def _model(space: str) -> PWAE:
+def _model(space: str, normalisation: str = "zscore") -> PWAE:
     torch.manual_seed(0)
-    return PWAE(PWAEConfig(permutations=24, error_space=space)).eval()  # type: ignore[arg-type]
+    cfg = PWAEConfig(permutations=24, error_space=space, error_normalisation=normalisation)  # type: ignore[arg-type]
+    return PWAE(cfg).eval()
 
 
-def test_a_named_space_is_left_as_it_is(images: tuple[list[torch.Tensor], list[Path]]) -> None:
+def _expected(figures: dict[str, float], candidates: list[Candidate]) -> Candidate:
+    """The settling's rule, from its record: of those within TOLERANCE of the
+    best AUROC, the fewest line-change rejects, then the higher AUROC, then the first."""
+    auroc = {c: figures[f"error_{c[0]}_{c[1]}_validation_auroc"] for c in candidates}
+    best = max(auroc.values())
+    close = [c for c in candidates if auroc[c] >= best - TOLERANCE]
+    if len(close) > 1:  # then each was changed and counted
+        assert all(f"error_{c[0]}_{c[1]}_line_change_rejects" in figures for c in close)
+    rejects = {c: figures.get(f"error_{c[0]}_{c[1]}_line_change_rejects", 0) for c in close}
+    return min(close, key=lambda c: (rejects[c], -auroc[c]))
+
+
+def test_a_named_space_and_normalisation_are_left_as_they_are(
+    images: tuple[list[torch.Tensor], list[Path]],
+) -> None:
     fit, held = images
     model = _model("pixel")
     settled, record = settle(model, fit, held, SPEC, seed=0)
     assert settled is model and record == {}
 
 
-def test_auto_keeps_the_space_with_the_higher_validation_auroc(
+def test_auto_keeps_the_candidate_the_rule_names_and_scores_as_recorded(
     images: tuple[list[torch.Tensor], list[Path]],
 ) -> None:
     fit, held = images
-    auto = _model("auto")
+    auto = _model("auto", "auto")
     with pytest.raises(ValueError, match="settled after training"):
         auto(fit[0][None])
     settled, record = settle(auto, fit, held, SPEC, seed=3)
-    aurocs = {s: record["figures"][f"error_space_{s}_validation_auroc"] for s in SPACES}
-    best = max(aurocs.values())
-    chosen = next(s for s in SPACES if aurocs[s] == best)  # ties: pixel, the first
-    assert record["settings"] == {"error_space": chosen}
-    assert settled.config.error_space == chosen
+    candidates = [(s, n) for s in SPACES for n in NORMALISATIONS]
+    chosen = _expected(record["figures"], candidates)
+    assert record["settings"] == {"error_space": chosen[0], "error_normalisation": chosen[1]}
+    assert (settled.config.error_space, settled.config.error_normalisation) == chosen
     assert record["defect_seed"] == 3 + DEFECT_SEED_OFFSET
     assert (record["held_out_images"], record["defective_images"]) == (3, 6)
-    # The settled model, run as its graph runs (forward), gives the figure the choice recorded:
-    # its per-pixel statistics are those of the fit images, its errors those the choice scored.
-    refit = PWAE(settled.config, settled.encoder).eval()
-    refit.load_state_dict(settled.state_dict())
-    refit.fit_error_statistics(torch.stack(fit))
-    torch.testing.assert_close(refit.error_mean, settled.error_mean)
-    torch.testing.assert_close(refit.error_std, settled.error_std)
+    if chosen[1] == "zscore":
+        # Its per-pixel statistics are those of the fit images.
+        refit = PWAE(settled.config, settled.encoder).eval()
+        refit.load_state_dict(settled.state_dict())
+        refit.fit_error_statistics(torch.stack(fit))
+        torch.testing.assert_close(refit.error_mean, settled.error_mean)
+        torch.testing.assert_close(refit.error_std, settled.error_std)
+    else:
+        assert "error_mean" not in settled.state_dict()
+    # The settled model, run as its graph runs (forward), gives the figure the choice recorded.
     with torch.no_grad():
 
         def errors(x: torch.Tensor) -> np.ndarray:
@@ -80,7 +104,56 @@ def test_auto_keeps_the_space_with_the_higher_validation_auroc(
     from sklearn.metrics import roc_auc_score
 
     labels = np.r_[np.zeros(len(good)), np.ones(len(bad))]
-    assert roc_auc_score(labels, np.r_[good, bad]) == pytest.approx(aurocs[chosen], abs=1e-4)
+    recorded = record["figures"][f"error_{chosen[0]}_{chosen[1]}_validation_auroc"]
+    assert roc_auc_score(labels, np.r_[good, bad]) == pytest.approx(recorded, abs=1e-4)
+
+
+def test_a_named_space_settles_its_normalisation_alone(
+    images: tuple[list[torch.Tensor], list[Path]],
+) -> None:
+    fit, held = images
+    settled, record = settle(_model("pixel", "auto"), fit, held, SPEC, seed=3)
+    candidates = [("pixel", n) for n in NORMALISATIONS]
+    assert set(record["figures"]) >= {f"error_pixel_{n}_validation_auroc" for n in NORMALISATIONS}
+    assert not any(k.startswith("error_feature") for k in record["figures"])
+    assert (settled.config.error_space, settled.config.error_normalisation) == _expected(
+        record["figures"], candidates
+    )
+
+
+def test_the_line_changes_weigh_between_candidates_that_validate_alike(
+    images: tuple[list[torch.Tensor], list[Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every candidate within the tolerance, the choice is the fewest rejects."""
+    from model_export.line_changes import LINE_CHANGES, changed_inputs, half_split_rejects
+    from model_export.pwae import error_space
+
+    fit, held = images
+    model = _model("pixel", "auto")
+    monkeypatch.setattr(error_space, "TOLERANCE", 1.0)  # every candidate is close
+    settled, record = settle(model, fit, held, SPEC, seed=3)
+    assert record["line_changes"] == list(LINE_CHANGES)
+    rejects = {n: record["figures"][f"error_pixel_{n}_line_change_rejects"] for n in NORMALISATIONS}
+    assert settled.config.error_normalisation == min(
+        NORMALISATIONS,
+        key=lambda n: (rejects[n], -record["figures"][f"error_pixel_{n}_validation_auroc"]),
+    )
+    # The count is the half split's over the settled model's own scores.
+    with torch.no_grad():
+
+        def scores(x: torch.Tensor, scales: np.ndarray | None = None) -> np.ndarray:
+            e0, tiles, _ = settled(x)
+            e = torch.cat([e0[:, None], tiles], 1).numpy()
+            return e if scales is None else rule_score(e, scales)
+
+        scales = error_scales(scores(torch.stack(fit)))
+        good = scores(torch.stack([load_tensor(p, SPEC) for p in held]), scales)
+        changed = {
+            name: scores(changed_inputs(held, SPEC, change), scales)
+            for name, change in LINE_CHANGES.items()
+        }
+    counts = half_split_rejects(good, changed)
+    assert rejects[settled.config.error_normalisation] == sum(counts[n] for n in LINE_CHANGES)
 
 
 def test_a_rescoring_of_the_settled_settings_gives_the_figure_the_choice_recorded(
@@ -89,21 +162,23 @@ def test_a_rescoring_of_the_settled_settings_gives_the_figure_the_choice_recorde
     from model_export.pwae.rescore import rescore
 
     fit, held = images
-    auto = _model("auto")
+    auto = _model("auto", "auto")
     settled, record = settle(auto, fit, held, SPEC, seed=3)
     seed = record["defect_seed"]
     # The trained model before the choice, rescored each way.
-    rows = rescore(auto, torch.stack(fit), held, SPEC, [{"error_space": s} for s in SPACES],
-                   seeds=[seed])  # fmt: skip
-    for space, row in zip(SPACES, rows, strict=True):
-        recorded = record["figures"][f"error_space_{space}_validation_auroc"]
+    candidates = [(s, n) for s in SPACES for n in NORMALISATIONS]
+    updates = [{"error_space": s, "error_normalisation": n} for s, n in candidates]
+    rows = rescore(auto, torch.stack(fit), held, SPEC, updates, seeds=[seed])
+    for (space, norm), row in zip(candidates, rows, strict=True):
+        recorded = record["figures"][f"error_{space}_{norm}_validation_auroc"]
         assert row["validation_auroc"][f"seed {seed}"] == pytest.approx(recorded, abs=1e-4)
-    # The settled model (what the checkpoint keeps), rescored in its space.
+    # The settled model (what the checkpoint keeps), rescored as it was settled.
     chosen = record["settings"]
     (row,) = rescore(settled, torch.stack(fit), held, SPEC, [chosen], seeds=[seed])
-    assert row["validation_auroc"][f"seed {seed}"] == pytest.approx(
-        record["figures"][f"error_space_{chosen['error_space']}_validation_auroc"], abs=1e-4
-    )
+    recorded = record["figures"][
+        f"error_{chosen['error_space']}_{chosen['error_normalisation']}_validation_auroc"
+    ]
+    assert row["validation_auroc"][f"seed {seed}"] == pytest.approx(recorded, abs=1e-4)
 
 
 def test_candidates_that_share_raw_maps_score_as_each_alone(
@@ -118,6 +193,39 @@ def test_candidates_that_share_raw_maps_score_as_each_alone(
     together = rescore(model, torch.stack(fit), held, SPEC, [sigma, floor], seeds=[0, 1])
     for row, update in zip(together, (sigma, floor), strict=True):
         assert rescore(model, torch.stack(fit), held, SPEC, [update], seeds=[0, 1]) == [row]
+
+
+def test_a_rescoring_counts_what_the_line_changes_reject_beside_the_same_auroc(
+    images: tuple[list[torch.Tensor], list[Path]],
+) -> None:
+    from model_export.line_changes import LINE_CHANGES, changed_inputs, half_split_rejects
+    from model_export.pwae.rescore import rescore
+
+    fit, held = images
+    model = _model("pixel")
+    model.fit_error_statistics(torch.stack(fit))
+    update = {"error_std_floor": 0.3}
+    (plain,) = rescore(model, torch.stack(fit), held, SPEC, [update], seeds=[0])
+    (row,) = rescore(model, torch.stack(fit), held, SPEC, [update], seeds=[0], line_changes=True)
+    assert row["validation_auroc"] == plain["validation_auroc"]
+    assert row["line_change_images"] == len(held)
+    # The counts are the half split's over the rule scores of the candidate's errors.
+    candidate = PWAE(model.config.model_copy(update=update), model.encoder).eval()
+    candidate.load_state_dict(model.state_dict())
+    candidate.fit_error_statistics(torch.stack(fit))
+
+    def scores(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            e0, tiles, _ = candidate(x)
+        return torch.cat([e0[:, None], tiles], 1).numpy()
+
+    scales = error_scales(scores(torch.stack(fit)))
+    good = rule_score(scores(torch.stack([load_tensor(p, SPEC) for p in held])), scales)
+    changed = {
+        name: rule_score(scores(changed_inputs(held, SPEC, change)), scales)
+        for name, change in LINE_CHANGES.items()
+    }
+    assert row["line_change_rejects"] == half_split_rejects(good, changed)
 
 
 def test_measured_with_another_network_keeps_every_trained_weight() -> None:
@@ -162,7 +270,12 @@ def test_the_channel_scaled_feature_error_divides_each_channel_by_its_spread(
 ) -> None:
     fit, _ = images
     torch.manual_seed(0)
-    config = PWAEConfig(permutations=24, error_space="feature", error_feature_scale="channel")
+    config = PWAEConfig(
+        permutations=24,
+        error_space="feature",
+        error_normalisation="zscore",
+        error_feature_scale="channel",
+    )
     model = PWAE(config).eval()
     x = torch.stack(fit)
     model.fit_feature_scale(x, batch=4)

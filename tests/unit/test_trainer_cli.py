@@ -305,7 +305,9 @@ def test_the_pretrained_encoder_prints_nothing() -> None:
 def test_pwae_progress_counts_every_pass_and_ends_at_its_total() -> None:
     import torch
 
-    cfg = pwae.PWAEConfig(permutations=24, epochs=2, batch_size=2, error_space="pixel")
+    cfg = pwae.PWAEConfig(
+        permutations=24, epochs=2, batch_size=2, error_space="pixel", error_normalisation="zscore"
+    )
     images = [torch.randn(3, 300, 300, generator=torch.Generator().manual_seed(i))
               for i in range(5)]  # fmt: skip
     ticks: list[int] = []

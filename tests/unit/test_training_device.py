@@ -119,7 +119,13 @@ def _images(n: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize(
     "config",
     [
-        pwae.PWAEConfig(permutations=24, epochs=1, batch_size=2, error_space="feature"),
+        pwae.PWAEConfig(
+            permutations=24,
+            epochs=1,
+            batch_size=2,
+            error_space="feature",
+            error_normalisation="zscore",
+        ),
         # The paper's recipe (prior on the whole map, raw error, tile means),
         # with the encoder fine-tuned so batches go through it.
         pwae.PAPER.model_copy(
