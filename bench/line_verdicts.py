@@ -11,7 +11,9 @@ split is encoded as the camera would send it (the codec the thresholds were
 calibrated for, unless the pair ends in ``@CODEC``, e.g.
 ``models/bottle-pwae=../shared/datasets/mvtec_ad/bottle@jpeg:90``) and posted to
 ``/v1/inspect``, and the answers are counted: good parts rejected against
-the false-reject rate the calibration promised, defective parts detected,
+the false-reject rate the calibration promised (and the chance of so many
+false rejects if the test's good parts were like the calibration images:
+service.calibration.rejects_at_least), defective parts detected,
 and the AUROC of the answered score max_k(ek/epsk) next to them. The test
 split only measures here; nothing is fitted on it.
 """
@@ -29,6 +31,7 @@ import numpy as np
 
 from bench.common import OUT_HELP, print_table, write_json
 from service.artifact import read_metadata, resolve_version_dir
+from service.calibration import conformal_rank, rejects_at_least
 from service.codec import apply_codec
 from service.contract import Codec
 from tests.helpers.server import run_server
@@ -80,6 +83,12 @@ def measure(version_dir: Path, category: Path, codec: Codec | None) -> dict[str,
             labels.append(label)
     flagged, y, s = np.array(verdicts), np.array(labels), np.array(scores)
     good, bad = y == 0, y == 1
+    chance = None  # artifacts from before the conformal calibration promised nothing
+    if cal.promised_fpr is not None and cal.holdout_images:
+        n = cal.holdout_images
+        chance = rejects_at_least(
+            int(flagged[good].sum()), int(good.sum()), n, conformal_rank(n, cal.target_fpr)
+        )
     return {
         "model": f"{meta.name}/{meta.version}",
         "family": meta.family,
@@ -93,6 +102,9 @@ def measure(version_dir: Path, category: Path, codec: Codec | None) -> dict[str,
         "good_images": int(good.sum()),
         "good_rejected": int(flagged[good].sum()),
         "false_reject_rate": float(flagged[good].mean()) if good.any() else float("nan"),
+        # How likely so many false rejects are if the test's good parts were
+        # like the calibration images: small means drift, not an unlucky draw.
+        "chance_of_as_many_rejects": chance,
         "defective_images": int(bad.sum()),
         "defective_detected": int(flagged[bad].sum()),
         "detection_rate": float(flagged[bad].mean()) if bad.any() else float("nan"),
@@ -114,6 +126,7 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[list[object]]:
             r["model"], Path(r["category"]).name, r["codec_sent"], r["calibrated_for"],
             f"{r['good_rejected']}/{r['good_images']} ({_pct(r['false_reject_rate'])})",
             f"{_pct(r['promised_fpr'])} / {_pct(r['fpr_upper_90'])}",
+            _pct(r.get("chance_of_as_many_rejects")),
             f"{r['defective_detected']}/{r['defective_images']} ({_pct(r['detection_rate'])})",
             f"{r['image_auroc']:.3f}",
             "-" if r["reference_score"] is None
@@ -125,7 +138,8 @@ def table_rows(results: Sequence[dict[str, Any]]) -> list[list[object]]:
 
 HEADERS = [
     "model", "category", "sent as", "calibrated for", "good rejected",
-    "promised (expected / 90%)", "defective detected", "image AUROC",
+    "promised (expected / 90%)", "chance of as many if alike", "defective detected",
+    "image AUROC",
     "good median / calibration median",
 ]  # fmt: skip
 

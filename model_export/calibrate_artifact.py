@@ -1,6 +1,6 @@
 """Calibrate an exported model version anew on its own training hold-out.
 
-    python -m model_export.calibrate_artifact models/bottle-pwae/7 \\
+    python -m model_export.calibrate_artifact models/bottle-pwae/8 \\
         --data ../shared/datasets/mvtec_ad/bottle [--codec jpeg:90] --out models/bottle-pwae
 
 An artifact records the split it was trained on (hold-out fraction, seed and

@@ -67,18 +67,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _run(args: argparse.Namespace, job: Job, device: torch.device) -> None:
     stage = args.stage
     if stage == "run":
-        assert job.source is not None and job.checked is not None
+        assert job.source is not None and job.checked is not None and job.holdout is not None
         n = len(job.checked[0])
         test = "no test split" if job.source.test is None else f"test split {job.source.test}"
         where = "no export" if job.out is None else f"exports the next version of {job.out}"
         print(
             f"inspection-train run: {args.family} on {n} good images from {job.source.good} "
-            f"({holdout_count(n, args.holdout)} held out), {test}; work in {job.work}; {where}"
+            f"({holdout_count(n, job.holdout)} held out), {test}; work in {job.work}; {where}"
         )
     if stage in ("train", "run"):
-        assert job.source is not None
+        assert job.source is not None and job.holdout is not None
         train(
-            args.family, job.source, job.work, job.config.to_dict(), args.holdout, args.seed,
+            args.family, job.source, job.work, job.config.to_dict(), job.holdout, args.seed,
             args.augment_codec, device, args.force, job.checked,
         )  # fmt: skip
     if stage in ("calibrate", "run"):

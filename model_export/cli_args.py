@@ -67,6 +67,7 @@ import textwrap
 from pathlib import Path
 
 from model_export import predict
+from model_export.data import AUTO_HOLDOUT
 from model_export.device import DEVICE_HELP, DEVICE_NAMES
 from model_export.families import FAMILIES
 from model_export.preflight import DEFAULT_TARGET_FPR
@@ -79,8 +80,9 @@ STAGES = {
         """\
 Train, calibrate, validate, evaluate and export in one go:
 
-  1. train      a seeded --holdout fraction (default 0.2) of the good images is held
-                out; the family (--family, default pwae) is fitted on the rest
+  1. train      a seeded --holdout fraction of the good images is held out (auto:
+                20%, more where --target-fpr needs it, at most half); the family
+                (--family, default pwae) is fitted on the rest
                 -> <work>/checkpoint.pt. A work directory holding this same
                 training is reused (finished) or resumed (interrupted), and the
                 trainer says so; one holding another training is refused unless
@@ -155,6 +157,18 @@ class _Help(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def _holdout(text: str) -> float | str:
+    """``--holdout``: 'auto' or a number (checked to lie in (0, 1) before any work)."""
+    if text == AUTO_HOLDOUT:
+        return AUTO_HOLDOUT
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither 'auto' nor a fraction, e.g. 0.2"
+        ) from None
+
+
 def _common() -> argparse.ArgumentParser:
     """The flags every stage takes (each stage reads those it needs)."""
     ap = argparse.ArgumentParser(add_help=False)
@@ -210,7 +224,12 @@ def _common() -> argparse.ArgumentParser:
         "(JSON, or a bare word); repeatable",
     )
     training.add_argument(
-        "--holdout", type=float, default=0.2, help="fraction of the good images held out"
+        "--holdout",
+        type=_holdout,
+        default=AUTO_HOLDOUT,
+        help="fraction of the good images held out to calibrate and validate on; 'auto': "
+        "20%%, or more where --target-fpr needs more held-out images to be promised "
+        "(at most half)",
     )
     training.add_argument("--seed", type=int, default=0, help="seed of the hold-out split")
     training.add_argument(

@@ -1,6 +1,6 @@
 """Side-by-side report of exported model versions: quality, speed, size.
 
-    python -m model_export.ot_compare models/bottle-pwae/7 models/bottle-otproto/5 \\
+    python -m model_export.ot_compare models/bottle-pwae/8 models/bottle-otproto/6 \\
         runs/export/mt-otproto/1 ... --out docs/model-comparison.md
 
 Quality figures come from each artifact's metadata (``evaluation.metrics``,
@@ -50,7 +50,9 @@ HOW = """
 * PRO: MVTec AD's per-region overlap, averaged over connected ground-truth
   regions and integrated over pixel false-positive rates 0..0.3, divided by 0.3.
 * calibrated rule: thresholds eps0..eps9 set on held-out train/good images
-  (20%, seed 0) for a 1% false-reject target (service/calibration.py);
+  (seed 0; `--holdout auto`: 20%, or the 99 a 1% promise needs where that is
+  more, at most half; 20% for versions before it) for a 1% false-reject
+  target (service/calibration.py);
   "good rejected" and "defective detected" are what the line would see of
   it on the test split, and "promised" is what the calibration promised for
   new good images: the expected false-reject rate, and the rate one

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from model_export.config_args import ConfigError, build_config
-from model_export.data import holdout_count
+from model_export.data import AUTO_HOLDOUT, auto_holdout, holdout_count
 from model_export.families import FAMILIES, get_family
 from model_export.sources import (
     DataError,
@@ -46,6 +46,7 @@ class Job:
     out: Path | None
     target_fpr: float
     checked: tuple[list[Path], InputSpec] | None
+    holdout: float | None  # the fraction held out, ``auto`` resolved; None: no training
 
 
 def _images_needed(need: int, holdout: float) -> int:
@@ -56,15 +57,25 @@ def _images_needed(need: int, holdout: float) -> int:
     return n
 
 
-def _check_target(n: int, holdout: float, target: float, explicit: bool) -> None:
-    """The held-out images against the calibration target, before any work."""
+def resolve_holdout(flag: float | str, n: int, target: float) -> float:
+    """``--holdout`` as a fraction of ``n`` good images: a number as given,
+    ``auto`` as data.auto_holdout for what ``target`` needs."""
+    if flag == AUTO_HOLDOUT:
+        return auto_holdout(n, images_for_target(target))
+    assert isinstance(flag, float)
+    return flag
+
+
+def _check_target(n: int, holdout: float, target: float, explicit: bool, flag: str) -> None:
+    """The held-out images against the calibration target, before any work;
+    ``flag`` is the --holdout the user gave, as the messages quote it."""
     need = images_for_target(target)  # a valid target: _resolve checked it
     n_hold = holdout_count(n, holdout)
     if n_hold >= need:
         return
     best = promised_fpr(n_hold, target)
     what = (
-        f"{n} good images, {n_hold} of them held out to calibrate (--holdout {holdout}), can "
+        f"{n} good images, {n_hold} of them held out to calibrate (--holdout {flag}), can "
         f"promise a false-reject rate of at best {best:.2%} on new good parts; {target:.2%} "
         f"needs {need} held-out images, about {_images_needed(need, holdout)} good images"
     )
@@ -87,8 +98,10 @@ def _resolve(args: argparse.Namespace) -> Job:
         raise DataError("--good and --data: give one (--good for a plain folder of good images)")
     if args.test is not None and args.data is not None:
         raise DataError("--test goes with --good; a --data category's test split is its test/")
-    if not 0 < args.holdout < 1:
-        raise ConfigError(f"--holdout {args.holdout}: a fraction between 0 and 1, e.g. 0.2")
+    if args.holdout != AUTO_HOLDOUT and not 0 < args.holdout < 1:
+        raise ConfigError(
+            f"--holdout {args.holdout}: a fraction between 0 and 1, e.g. 0.2, or auto"
+        )
     family = get_family(args.family)
     config = build_config(family, args.preset, args.config, args.set) if training else None
     source: Source | None = None
@@ -127,7 +140,7 @@ def _resolve(args: argparse.Namespace) -> Job:
         images_for_target(target)
     except ValueError as exc:
         raise ConfigError(f"--target-fpr {target}: {exc}") from None
-    checked = None
+    checked, holdout = None, None
     if training:
         assert source is not None
         paths = good_images(source)
@@ -138,12 +151,14 @@ def _resolve(args: argparse.Namespace) -> Job:
             )
         spec = colour_spec(check_images(paths))
         checked = paths, spec
+        holdout = resolve_holdout(args.holdout, len(paths), target)
         if stage == "run":
-            _check_target(len(paths), args.holdout, target, args.target_fpr is not None)
+            explicit = args.target_fpr is not None
+            _check_target(len(paths), holdout, target, explicit, str(args.holdout))
             check_test_split(source, spec)
     elif stage in ("calibrate", "evaluate", "export") and not (work / CHECKPOINT).is_file():
         raise DataError(f"{work / CHECKPOINT} is missing: train first (--work {work})")
-    return Job(source, config, work, out, target, checked)
+    return Job(source, config, work, out, target, checked, holdout)
 
 
 def _check_export(out: Path) -> None:

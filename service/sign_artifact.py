@@ -2,13 +2,13 @@
 re-stamp versions written before metadata.json carried its digest.
 
     # sign (the version must pass the loader's checks first):
-    python -m service.sign_artifact models/bottle-pwae/7 --ed25519-private-key release.pem
-    python -m service.sign_artifact models/bottle-pwae/7 --hmac-key-file hmac.key
+    python -m service.sign_artifact models/bottle-pwae/8 --ed25519-private-key release.pem
+    python -m service.sign_artifact models/bottle-pwae/8 --hmac-key-file hmac.key
     # check as a server with this key would (graph, digest, folder, signature):
-    python -m service.sign_artifact --check models/bottle-pwae/7 \\
+    python -m service.sign_artifact --check models/bottle-pwae/8 \\
         --ed25519-public-key release.pub.pem   # or --hmac-key-file hmac.key
     # give a version written before artifact_sha256 existed its digest:
-    python -m service.sign_artifact --restamp models/bottle-pwae/7
+    python -m service.sign_artifact --restamp models/bottle-pwae/8
 
 Signing writes ``signature.json`` beside ``metadata.json`` (service/signing.py);
 nothing else in the version changes, so a version can be signed after it was

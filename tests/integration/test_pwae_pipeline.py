@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from model_export import cli, paired_validation
-from model_export.data import split_train
+from model_export.data import auto_holdout, split_train
 from model_export.pwae import PAPER
 from model_export.pwae.error_space import NORMALISATIONS, SPACES, TOLERANCE
 from service.artifact import load_artifact
+from service.calibration import images_for_target
 from service.preprocessing import prepare
 from tests.helpers.synthetic import write_category
 
@@ -67,9 +68,12 @@ def test_synthetic_end_to_end_through_the_artifact_loader(synthetic: Path, tmp_p
     art = load_artifact(out.parent)
     meta = art.metadata
     assert meta.family == "pwae" and meta.version == 1
-    _, held_out = split_train(synthetic, 0.2, 0)  # the CLI's default fraction and seed
+    # The CLI's defaults: --holdout auto, seed 0. A 1% promise needs 99
+    # held-out images, so auto holds out as many as it may: half of the 12.
+    auto = auto_holdout(12, images_for_target(0.01))
+    _, held_out = split_train(synthetic, auto, 0)
     assert meta.calibration.target_fpr == 0.01 and meta.calibration.holdout_images == len(held_out)
-    assert len(held_out) >= 2
+    assert len(held_out) == 6 and meta.calibration.holdout_fraction == auto
     assert meta.evaluation is not None and meta.evaluation.defective_images == 6
     # The error space and normalisation were settled on validation after
     # training, and say so: within TOLERANCE of the best AUROC, the fewest

@@ -12,6 +12,7 @@ from service.calibration import (
     fpr_quantile,
     images_for_target,
     promised_fpr,
+    rejects_at_least,
     rule_flags,
     rule_score,
 )
@@ -137,3 +138,22 @@ def test_rule_score_is_above_one_exactly_where_the_rule_flags() -> None:
 def test_targets_outside_what_can_be_promised_are_refused(target: float) -> None:
     with pytest.raises(ValueError, match="must lie in"):
         images_for_target(target)
+
+
+def test_the_chance_of_a_count_of_false_rejects_under_the_promise() -> None:
+    # Threshold at the maximum of n: the x largest of all n+m scores must be
+    # new ones, a count of orderings.
+    for x, m, n in [(5, 190, 152), (3, 20, 42), (2, 20, 99)]:
+        exact = float(np.prod([(m - i) / (n + m - i) for i in range(x)]))
+        assert rejects_at_least(x, m, n, n) == pytest.approx(exact, rel=1e-9)
+    assert rejects_at_least(0, 20, 42, 42) == pytest.approx(1.0)
+    # Below the maximum (k < n): against simulated exchangeable scores.
+    rng = np.random.default_rng(0)
+    n, m, k, x, draws = 40, 30, 36, 6, 20_000
+    cal = np.sort(rng.random((draws, n)), axis=1)[:, k - 1]
+    counts = (rng.random((draws, m)) > cal[:, None]).sum(axis=1)
+    simulated = float((counts >= x).mean())
+    assert rejects_at_least(x, m, n, k) == pytest.approx(simulated, abs=0.01)
+    assert 0.1 < simulated < 0.9  # a case where the tail is not trivially 0 or 1
+    with pytest.raises(ValueError, match="need 0 <= x <= m"):
+        rejects_at_least(3, 2, 10, 10)

@@ -16,12 +16,21 @@ import pytest
 from model_export import cli, preflight, pwae
 from model_export.backbones import efficientnet_lite
 from model_export.config_args import ConfigError, build_config, parse_set
-from model_export.data import labelled_images, list_images, split_paths
+from model_export.data import (
+    MAX_AUTO_HOLDOUT,
+    MIN_AUTO_HOLDOUT,
+    auto_holdout,
+    holdout_count,
+    labelled_images,
+    list_images,
+    split_paths,
+)
 from model_export.evaluation import evaluate_scores, masked_defectives
 from model_export.families import get_family
 from model_export.ot_prototypes import OTPrototypesConfig
 from model_export.report import paper_reference, write_summary
 from model_export.sources import DataError, check_images, folder_source, good_images
+from service.calibration import images_for_target
 from tests.helpers.good_folder import write_good_folder, write_test_folder
 
 
@@ -70,7 +79,8 @@ def test_bad_settings_name_the_flag_before_any_work(
         ("--set", "swd_on=all"): "--set swd_on=all: swd_on: Input should be 'map' or 'code'",
         ("--set", "lr"): "--set lr: expected KEY=VALUE",
         ("--preset", "fast"): "--preset fast: pwae has ['feature_error', 'paper']",
-        ("--holdout", "1.5"): "--holdout 1.5: a fraction between 0 and 1",
+        ("--holdout", "1.5"): "--holdout 1.5: a fraction between 0 and 1, e.g. 0.2, or auto",
+        ("--holdout", "most"): "--holdout: 'most' is neither 'auto' nor a fraction",
         ("--target-fpr", "0"): "--target-fpr 0.0: target false-reject rate must lie in",
     }
     for flags, message in cases.items():
@@ -150,19 +160,45 @@ def test_a_target_the_held_out_images_cannot_keep(
     in_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     good = write_good_folder(in_tmp / "photos", n=12)
-    err = _fails(capsys, "run", "--good", str(good), "--target-fpr", "0.05")
+    err = _fails(capsys, "run", "--good", str(good), "--target-fpr", "0.05", "--holdout", "0.2")
     assert (
         "--target-fpr 0.05 cannot be kept: 12 good images, 2 of them held out to calibrate "
         "(--holdout 0.2), can promise a false-reject rate of at best 33.33% on new good parts; "
         "5.00% needs 19 held-out images, about 95 good images" in err
     )
+    # The default, --holdout auto, holds out half of them, and no more.
+    err = _fails(capsys, "run", "--good", str(good), "--target-fpr", "0.05")
+    assert (
+        "12 good images, 6 of them held out to calibrate (--holdout auto), can promise a "
+        "false-reject rate of at best 14.29% on new good parts; 5.00% needs 19 held-out "
+        "images, about 38 good images" in err
+    )
     _nothing_written(in_tmp)
     # The default target is not the user's ask: the promise it can keep is
     # said before training, and written into the metadata after.
-    preflight._check_target(12, 0.2, preflight.DEFAULT_TARGET_FPR, explicit=False)
+    preflight._check_target(12, 0.2, preflight.DEFAULT_TARGET_FPR, explicit=False, flag="0.2")
     note = capsys.readouterr().err
     assert "note: 12 good images, 2 of them held out" in note and "will promise 33.33%" in note
-    preflight._check_target(600, 0.2, 0.01, explicit=True)  # 120 held out keep 1%
+    preflight._check_target(600, 0.2, 0.01, explicit=True, flag="0.2")  # 120 held out keep 1%
+
+
+def test_auto_holdout_holds_out_what_the_target_needs() -> None:
+    """``--holdout auto``: 20%, raised to the images the target's promise
+    needs (99 for 1%), never above half; the fraction counts them exactly."""
+    need = images_for_target(0.01)
+    assert need == 99
+    for n, held in [(762, 152), (495, 99), (300, 99), (209, 99), (199, 99), (198, 99),
+                    (150, 75), (12, 6), (2, 1)]:  # fmt: skip
+        fraction = auto_holdout(n, need)
+        assert holdout_count(n, fraction) == held, n
+        assert MIN_AUTO_HOLDOUT <= fraction <= MAX_AUTO_HOLDOUT
+        fit, hold = split_paths([Path(f"{i}.png") for i in range(n)], fraction, seed=0)
+        assert len(hold) == held and len(fit) == n - held
+    assert auto_holdout(209, need) < 0.48  # no more than it needs: 110 bottles still fit
+    # A number given is kept as given; auto resolves against the target asked.
+    assert preflight.resolve_holdout(0.3, 209, 0.01) == 0.3
+    assert holdout_count(209, preflight.resolve_holdout("auto", 209, 0.05)) == 42
+    assert holdout_count(209, preflight.resolve_holdout("auto", 209, 0.01)) == 99
 
 
 def test_an_existing_export_version_stops_the_run_before_any_work(
@@ -194,7 +230,7 @@ def test_each_stage_has_its_own_help_with_the_stages_and_defaults(
     out = capsys.readouterr().out
     assert out.startswith("usage: inspection-train run")
     for text in ("1. train", "2. calibrate", "3. evaluate", "4. export", "--good", "--test",
-                 "runs/<name>-pwae", "models/<name>-pwae", "(default: 0.2)", "(default 0.01)",
+                 "runs/<name>-pwae", "models/<name>-pwae", "(default: auto)", "(default 0.01)",
                  "(default: pwae)", "--force", "reused", "resumed"):  # fmt: skip
         assert text in out, text
     with pytest.raises(SystemExit):

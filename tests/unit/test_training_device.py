@@ -210,7 +210,7 @@ def test_a_short_training_with_device_cpu_logs_and_records_it(
     cli.main(
         ["train", "--family", "pwae", "--data", str(data), "--work", str(work),
          "--device", "cpu", "--set", "epochs=2", "--set", "batch_size=2",
-         "--set", "permutations=24"]
+         "--set", "permutations=24", "--holdout", "0.2"]  # 4 fit, 1 held out
     )  # fmt: skip
     out = capsys.readouterr().out
     assert out.startswith(f"training pwae on cpu (torch {torch.__version__})")
