@@ -163,7 +163,8 @@ def test_an_interrupted_training_resumes_and_says_so(
     assert ckpt["log"]["seconds_before"] == pytest.approx(earlier)
     assert ckpt["train_seconds"] > earlier  # the earlier run's time counted, not lost
     assert [h["epoch"] for h in ckpt["log"]["history"]] == [1, 2, 3]
-    total = pwae.progress_total(pwae.PWAEConfig(**ckpt["config"]), 10)
+    assert len(ckpt["fit"]) == 6  # --holdout auto: half of 12 held out for a 1% target
+    total = pwae.progress_total(pwae.PWAEConfig(**ckpt["config"]), len(ckpt["fit"]))
     assert f"{total}/{total}" in err  # the bar starts where the state is and ends at 100%
 
     # All epochs done, the final checkpoint gone: finished without training
