@@ -92,6 +92,16 @@ def images_for_target(target_fpr: float) -> int:
     return max(1, math.ceil(1 / target_fpr - 1 - 1e-9))
 
 
+def _log_choose(m: int, j: int) -> float:
+    """log of the binomial coefficient C(m, j)."""
+    return math.lgamma(m + 1) - math.lgamma(j + 1) - math.lgamma(m - j + 1)
+
+
+def _log_beta(p: float, q: float) -> float:
+    """log of the Beta function B(p, q)."""
+    return math.lgamma(p) + math.lgamma(q) - math.lgamma(p + q)
+
+
 def _beta_cdf(x: float, a: int, b: int) -> float:
     """P(Beta(a, b) <= x) for integers a, b >= 1: P(Binomial(a+b-1, x) >= a)."""
     if x <= 0:
@@ -100,11 +110,7 @@ def _beta_cdf(x: float, a: int, b: int) -> float:
         return 1.0
     m = a + b - 1
     lx, l1x = math.log(x), math.log1p(-x)
-    return math.fsum(
-        math.exp(math.lgamma(m + 1) - math.lgamma(j + 1) - math.lgamma(m - j + 1)
-                 + j * lx + (m - j) * l1x)
-        for j in range(a, m + 1)
-    )  # fmt: skip
+    return math.fsum(math.exp(_log_choose(m, j) + j * lx + (m - j) * l1x) for j in range(a, m + 1))
 
 
 def fpr_quantile(n: int, k: int, q: float = 0.9) -> float:
@@ -130,15 +136,11 @@ def rejects_at_least(x: int, m: int, n: int, k: int) -> float:
     if not 0 <= x <= m or not 1 <= k <= n:
         raise ValueError(f"need 0 <= x <= m and 1 <= k <= n, got x={x} m={m} n={n} k={k}")
     a, b = n + 1 - k, k
-
-    def log_beta(p: float, q: float) -> float:
-        return math.lgamma(p) + math.lgamma(q) - math.lgamma(p + q)
-
-    return min(1.0, math.fsum(
-        math.exp(math.lgamma(m + 1) - math.lgamma(j + 1) - math.lgamma(m - j + 1)
-                 + log_beta(j + a, m - j + b) - log_beta(a, b))
+    terms = (
+        math.exp(_log_choose(m, j) + _log_beta(j + a, m - j + b) - _log_beta(a, b))
         for j in range(x, m + 1)
-    ))  # fmt: skip
+    )
+    return min(1.0, math.fsum(terms))
 
 
 @dataclass(frozen=True)
