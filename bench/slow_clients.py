@@ -199,7 +199,14 @@ async def _drain_run(server: Server, data: bytes, clients: int, drain_s: float) 
         "answered_after_sigterm": sum(1 for r in after if r["status"] == 200),
         "readyz_503_after_s": round(min(not_ready) - sig, 2) if not_ready else None,
         "listener_closed_after_s": round(min(refused) - sig, 2) if refused else None,
-        "other_failures": sum(1 for r in reqs if r["status"] not in (200, "ConnectError")),
+        # Neither answered nor refused: what each was and when it started
+        # relative to SIGTERM, so a lost request can be told from a race on
+        # a keep-alive connection the drain closed as the request went out.
+        "other_failures": [
+            {"status": str(r["status"]), "started_after_sigterm_s": round(r["start"] - sig, 2)}
+            for r in reqs
+            if r["status"] not in (200, "ConnectError")
+        ],
         "exit_code": server.proc.returncode,
         "exit_after_s": round(exited - sig, 2),
     }
@@ -240,10 +247,10 @@ def main(argv: list[str] | None = None) -> None:
             result["drain"][name] = run
         print_table(
             ["drain", "in flight", "answered", "after SIGTERM", "readyz 503 s", "closed s",
-             "exit", "exit s"],
+             "other failures", "exit", "exit s"],
             [[name, r["in_flight_at_sigterm"], r["in_flight_answered_200"],
               r["answered_after_sigterm"], r["readyz_503_after_s"], r["listener_closed_after_s"],
-              r["exit_code"], r["exit_after_s"]]
+              len(r["other_failures"]), r["exit_code"], r["exit_after_s"]]
              for name, r in result["drain"].items() if name != "image"],
         )  # fmt: skip
     print(f"wrote {write_json(args.out, result)}")
