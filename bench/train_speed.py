@@ -20,7 +20,8 @@ pays for warm-up (allocations; cuDNN's algorithm search on a GPU), so
 
 Nothing is written under runs/ or models/; the results go to
 bench/results/train_speed.json (``--out``) with the device's name (the GPU's,
-from torch.cuda.get_device_name), torch's version and the thread count.
+from torch.cuda.get_device_name), torch's version, the thread count and the
+platform (model_export.device.describe_platform).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from model_export.device import (
     DEVICE_NAMES,
     DeviceUnavailable,
     describe_device,
+    describe_platform,
     resolve_device,
 )
 from model_export.families import FAMILIES, get_family
@@ -139,8 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     images = [load_tensor(p, spec) for p in fit_paths[:n]]
     name = describe_device(device)
     print(
-        f"{args.data}: {args.epochs} epochs of {args.steps} steps on {name}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; load average {load}"
+        f"{args.data}: {args.epochs} epochs of {args.steps} steps on {name} "
+        f"({describe_platform(device)}); load average {load}"
     )
     results = [
         measure(f, images, device, args.steps, args.epochs, args.batch_size) for f in families
@@ -162,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
+        "platform": describe_platform(device),
         "data": str(args.data),
         "steps": args.steps,
         "batch_size": args.batch_size,

@@ -50,9 +50,11 @@ directory, and the export version.
 ``--device auto|cpu|cuda`` (model_export/device.py) says where torch trains,
 calibrates and evaluates: ``auto``, the default, takes the GPU where torch
 sees one; ``cpu`` is the path every figure in docs/ was measured on and is
-unchanged. The trainer logs the device at start and each epoch's images/s,
-and the artifact records both (``model_info``: ``train_device``,
-``train_images_per_s``). Export always runs on the CPU.
+unchanged. The trainer logs the device and platform (torch's build, the
+processor, the kernels torch picked for it, its threads) at start and each
+epoch's images/s, and the artifact records them (``model_info``:
+``train_device``, ``train_platform``, ``train_images_per_s``). Export always
+runs on the CPU.
 
 This module is the command line's text and flags: each stage's help, the
 flags every stage takes and the parser (its description is the top of this

@@ -16,6 +16,7 @@ always runs on the CPU.
 from __future__ import annotations
 
 import itertools
+import platform
 import time
 from typing import Any, Literal, get_args
 
@@ -66,6 +67,39 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     return device.type
+
+
+def describe_platform(device: torch.device) -> str:
+    """What the numbers of a training depend on besides its seed: torch's build,
+    and the processor with the kernels torch picked for it and its threads
+    (or the GPU with the CUDA build).
+
+    A seeded training repeats to the last digit on the same platform; on
+    another processor torch may pick other vectorised kernels (AVX2 against
+    AVX-512), whose float sums round differently, and the model differs in
+    the last digits and what follows from them. The artifact records this
+    (``model_info.train_platform``) so a re-run that does not match can be
+    told apart from one that should.
+    """
+    if device.type == "cuda":
+        return f"torch {torch.__version__}, CUDA {torch.version.cuda}, {describe_device(device)}"
+    kernels = torch.backends.cpu.get_cpu_capability()
+    return (
+        f"torch {torch.__version__}, {_processor_name()}, {kernels} kernels, "
+        f"{torch.get_num_threads()} threads"
+    )
+
+
+def _processor_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo; platform's elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown processor"
 
 
 def module_device(module: nn.Module) -> torch.device:

@@ -26,7 +26,7 @@ from model_export.data import (
     load_tensor,
     split_paths,
 )
-from model_export.device import describe_device
+from model_export.device import describe_device, describe_platform
 from model_export.evaluation import evaluate_scores, masked_defectives, score, verdicts
 from model_export.export import ExportMismatch, export_proven
 from model_export.families import get_family, load_checkpoint
@@ -130,7 +130,8 @@ def train(
         print(plan.message)
         return
     device_name = describe_device(device)
-    print(f"training {family.name} on {device_name} (torch {torch.__version__})")
+    platform_name = describe_platform(device)
+    print(f"training {family.name} on {device_name} ({platform_name})")
     print(f"encoder: {weights_source(backbone_name, weights)}")
     mean, std = (tuple(round(v, 4) for v in t) for t in (norm.mean, norm.std))
     print(
@@ -200,6 +201,7 @@ def train(
             "backbone": backbone.model_dump(mode="json"),
             "train_seconds": seconds,
             "device": device_name,
+            "platform": platform_name,
             "images_per_s": images_per_s,
             "log": log,
             "settled": settled,
@@ -398,6 +400,8 @@ def export(work: Path, out: Path, name: str | None = None) -> float:
             # Where and how fast it was trained (checkpoints from before
             # --device record neither: they were trained on the CPU).
             **({"train_device": ckpt["device"]} if ckpt.get("device") else {}),
+            # Checkpoints from before 2026-12-03 do not record it.
+            **({"train_platform": ckpt["platform"]} if ckpt.get("platform") else {}),
             **(
                 {"train_images_per_s": round(float(ckpt["images_per_s"]), 2)}
                 if ckpt.get("images_per_s")

@@ -93,6 +93,10 @@ def test_one_command_on_a_plain_folder_then_again_then_otherwise(
     # Settling is timed apart from training, and said so.
     assert meta.model_info["settle_seconds"] == ckpt["settled"]["seconds"] > 0
     assert f"in {ckpt['settled']['seconds']:.0f} s" in out
+    # Where it was trained, so a re-run elsewhere that differs in the last
+    # digits can be told apart from one that should not.
+    assert meta.model_info["train_device"] == "cpu"
+    assert meta.model_info["train_platform"] == ckpt["platform"]
 
     # Again in the finished work dir: reused, and said so; the time stays the true one.
     cli.main(run)

@@ -24,6 +24,7 @@ from model_export import ot_prototypes as ot
 from model_export.device import (
     DeviceUnavailable,
     describe_device,
+    describe_platform,
     module_device,
     resolve_device,
     throughput,
@@ -57,6 +58,20 @@ def test_cpu_is_the_cpu_even_where_cuda_is(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("cpu") == torch.device("cpu")
     assert describe_device(torch.device("cpu")) == "cpu"
+
+
+def test_the_platform_names_torch_the_processor_its_kernels_and_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    text = describe_platform(torch.device("cpu"))
+    assert text.startswith(f"torch {torch.__version__}, ")
+    assert text.endswith(", AVX2 kernels, 3 threads")
+    processor = text.removeprefix(f"torch {torch.__version__}, ").removesuffix(
+        ", AVX2 kernels, 3 threads"
+    )
+    assert processor and processor != "unknown processor"
 
 
 def test_cuda_without_cuda_is_a_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,11 +228,13 @@ def test_a_short_training_with_device_cpu_logs_and_records_it(
          "--set", "permutations=24", "--holdout", "0.2"]  # 4 fit, 1 held out
     )  # fmt: skip
     out = capsys.readouterr().out
-    assert out.startswith(f"training pwae on cpu (torch {torch.__version__})")
+    platform = describe_platform(torch.device("cpu"))
+    assert out.startswith(f"training pwae on cpu ({platform})")
     assert "pwae epoch 1/2: 4 images in" in out and "pwae epoch 2/2: 4 images in" in out
     assert "images/s" in out
     ckpt = torch.load(work / "checkpoint.pt", weights_only=False)
     assert ckpt["device"] == "cpu" and ckpt["images_per_s"] > 0
+    assert ckpt["platform"] == platform
     assert all(t.device.type == "cpu" for t in ckpt["state_dict"].values())
     history = ckpt["log"]["history"]
     assert [h["images"] for h in history] == [4, 4]
