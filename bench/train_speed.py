@@ -139,10 +139,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     spec = category_spec(args.data)
     images = [load_tensor(p, spec) for p in fit_paths[:n]]
-    name = describe_device(device)
+    name, platform = describe_device(device), describe_platform(device)
     print(
         f"{args.data}: {args.epochs} epochs of {args.steps} steps on {name} "
-        f"({describe_platform(device)}); load average {load}"
+        f"({platform}); load average {load}"
     )
     results = [
         measure(f, images, device, args.steps, args.epochs, args.batch_size) for f in families
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "threads": torch.get_num_threads(),
-        "platform": describe_platform(device),
+        "platform": platform,
         "data": str(args.data),
         "steps": args.steps,
         "batch_size": args.batch_size,
