@@ -21,7 +21,8 @@ Where the paper is vague, the choices are made here and said why:
   positions, as one 21x21 map, and decodes the whole image at once: decoding
   tiles one by one leaves seams at tile borders that look like defects.
 * The encoder is ImageNet-pretrained and frozen by default (``freeze_encoder``):
-  on a 2-core CPU fine-tuning it costs 10x the training time. The latent
+  fine-tuned on the bottle it trained at 8x the time on a 2-core CPU and
+  scored lower on validation (docs/pwae-experiments.md). The latent
   projection on top of it, the jigsaw head and the decoder are trained.
 * The sliced-Wasserstein distance matches each tile's *code* (its latent map
   pooled to ``latent_channels`` numbers, the vector the jigsaw head reads) to
