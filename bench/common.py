@@ -13,23 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from model_export.processor import processor_name
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on; printed with every table."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import onnxruntime as ort
 
     info: dict[str, Any] = {
-        "cpu": cpu,
+        "cpu": processor_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "onnxruntime": ort.__version__,

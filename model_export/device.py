@@ -16,12 +16,13 @@ always runs on the CPU.
 from __future__ import annotations
 
 import itertools
-import platform
 import time
 from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
+
+from model_export.processor import processor_name
 
 DeviceName = Literal["auto", "cpu", "cuda"]
 DEVICE_NAMES: tuple[str, ...] = get_args(DeviceName)
@@ -85,21 +86,9 @@ def describe_platform(device: torch.device) -> str:
         return f"torch {torch.__version__}, CUDA {torch.version.cuda}, {describe_device(device)}"
     kernels = torch.backends.cpu.get_cpu_capability()
     return (
-        f"torch {torch.__version__}, {_processor_name()}, {kernels} kernels, "
+        f"torch {torch.__version__}, {processor_name()}, {kernels} kernels, "
         f"{torch.get_num_threads()} threads"
     )
-
-
-def _processor_name() -> str:
-    """The processor's model name (Linux's /proc/cpuinfo; platform's elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown processor"
 
 
 def module_device(module: nn.Module) -> torch.device:
